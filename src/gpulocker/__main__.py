@@ -1,0 +1,3 @@
+from gpulocker.cli import main
+
+main()

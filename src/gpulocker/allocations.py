@@ -1,0 +1,377 @@
+"""Allocations: take GPUs, extend, release. The rules of SPEC section 5, with no web in them.
+
+Two requests can never get the same GPU: the unique partial index on the (host, GPU)
+of active allocations refuses the second insert, on SQLite and PostgreSQL alike. A
+request that loses such a race looks again at what is free and tries once more.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gpulocker import events, inventory, lockouts, maintenance
+from gpulocker.config import Settings
+from gpulocker.db import Database
+from gpulocker.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    LockedOut,
+    Maintenance,
+    NotEnoughGPUs,
+    NotFound,
+)
+from gpulocker.models import ACTIVE, RELEASED, REVOKED, STATES, Allocation, Gpu, utcnow
+from gpulocker.notify import notify
+
+log = logging.getLogger(__name__)
+
+USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
+
+
+def request(
+    db: Database,
+    settings: Settings,
+    actor: str,
+    gpu_type: str,
+    count: int | None = None,
+    hours: float = 1.0,
+    gpu_ids: Sequence[int] | None = None,
+    user: str | None = None,
+) -> list[Allocation]:
+    """Allocate `count` GPUs of `gpu_type` for `hours`, all or nothing.
+
+    Admins may allocate for another `user`. `gpu_ids` asks for those GPUs exactly.
+    """
+    user = user or actor
+    count = _check_request(settings, actor, user, count, hours, gpu_ids)
+    # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
+    for _attempt in range(64):
+        try:
+            with db.transaction() as session:
+                granted = _grant(session, settings, actor, user, gpu_type, count, hours, gpu_ids)
+            return granted
+        except IntegrityError:
+            log.info("request by %s lost a race for a %s GPU; trying again", user, gpu_type)
+    raise NotEnoughGPUs(f"could not get {count} {gpu_type} GPU(s): too many requests at once")
+
+
+def _check_request(
+    settings: Settings,
+    actor: str,
+    user: str,
+    count: int | None,
+    hours: float,
+    gpu_ids: Sequence[int] | None,
+) -> int:
+    """Validate what needs no database; returns the count."""
+    if user != actor and not settings.is_admin(actor):
+        raise Forbidden("only admins can allocate GPUs for another user")
+    if not USER_NAME.match(user):
+        raise Invalid(f"not a valid user name: {user!r}")
+    if gpu_ids is not None:
+        ids = list(gpu_ids)
+        if not ids or len(set(ids)) != len(ids):
+            raise Invalid("gpu_ids must list distinct GPU ids")
+        if count is not None and count != len(ids):
+            raise Invalid(f"count is {count} but {len(ids)} gpu_ids were given")
+        count = len(ids)
+    if count is None or isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise Invalid("count must be a whole number of GPUs, at least 1")
+    _check_hours(settings, hours)
+    return count
+
+
+def _check_hours(settings: Settings, hours: float) -> None:
+    if isinstance(hours, bool) or not isinstance(hours, int | float) or not math.isfinite(hours):
+        raise Invalid("hours must be a number")
+    if hours <= 0:
+        raise Invalid("hours must be more than 0")
+    if hours > settings.max_allocation_hours:
+        raise Invalid(
+            f"hours must be at most {settings.max_allocation_hours:g} (MAX_ALLOCATION_HOURS)"
+        )
+
+
+def _grant(
+    session: Session,
+    settings: Settings,
+    actor: str,
+    user: str,
+    gpu_type: str,
+    count: int,
+    hours: float,
+    gpu_ids: Sequence[int] | None,
+) -> list[Allocation]:
+    """Inside one write transaction: check the rules that read the database, then insert."""
+    types = inventory.known_types(session)
+    if gpu_type not in types:
+        known = ", ".join(types) or "none"
+        raise Invalid(f"unknown GPU type {gpu_type!r} (known: {known})")
+    admin = settings.is_admin(actor)
+    if maintenance.enabled(session) and not admin:
+        raise Maintenance("GPULocker is in maintenance mode: new allocations are paused")
+    lockout = lockouts.active(session, user)
+    if lockout is not None:
+        raise LockedOut(
+            f"{user} is locked out until {lockout.until:%Y-%m-%d %H:%M} UTC ({lockout.reason})",
+            until=lockout.until.isoformat(),
+        )
+    if settings.max_gpus_per_user is not None:
+        held = count_active(session, user)
+        if held + count > settings.max_gpus_per_user:
+            raise Forbidden(
+                f"{user} holds {held} GPU(s); at most {settings.max_gpus_per_user} per user "
+                "(MAX_GPUS_PER_USER)",
+            )
+    chosen = _choose(session, settings, gpu_type, count, gpu_ids)
+    now = utcnow()
+    expires = now + timedelta(hours=hours)
+    rows = [
+        Allocation(
+            user=user,
+            host=gpu.host,
+            gpu_id=gpu.gpu_id,
+            gpu_type=gpu.gpu_type,
+            device=gpu.device,
+            created_at=now,
+            expires_at=expires,
+            state=ACTIVE,
+        )
+        for gpu in chosen
+    ]
+    session.add_all(rows)
+    session.flush()  # the unique index speaks here if another request was faster
+    for row in rows:
+        events.record(
+            session,
+            "granted",
+            actor,
+            f"GPU {row.gpu_id} ({row.gpu_type}) on {row.host} to {user} for {hours:g} h",
+            user=user,
+            host=row.host,
+            gpu_id=row.gpu_id,
+            allocation_id=row.id,
+            data={"hours": hours, "expires_at": expires.isoformat()},
+        )
+    gpu_list = ", ".join(str(r.gpu_id) for r in rows)
+    notify(
+        session,
+        settings,
+        "granted",
+        f"You have GPU(s) {gpu_list} ({gpu_type}) on {rows[0].host} until "
+        f"{expires:%Y-%m-%d %H:%M} UTC. export CUDA_VISIBLE_DEVICES={cuda_visible_devices(rows)}",
+        users=[user],
+    )
+    return rows
+
+
+def _choose(
+    session: Session, settings: Settings, gpu_type: str, count: int, gpu_ids: Sequence[int] | None
+) -> list[Gpu]:
+    """Pick free GPUs, all on one host (this host first), or refuse saying how many are free."""
+    free = inventory.free_gpus(session, gpu_type)
+    by_host: dict[str, list[Gpu]] = {}
+    for gpu in free:
+        by_host.setdefault(gpu.host, []).append(gpu)
+    hosts = sorted(by_host, key=lambda h: (h != settings.gpu_host, -len(by_host[h]), h))
+    if gpu_ids is not None:
+        wanted = set(gpu_ids)
+        for host in hosts:
+            picked = [g for g in by_host[host] if g.gpu_id in wanted]
+            if len(picked) == len(wanted):
+                return picked
+        free_ids = sorted(g.gpu_id for g in free if g.gpu_id in wanted)
+        busy = sorted(wanted - set(free_ids))
+        raise NotEnoughGPUs(
+            f"GPU(s) {busy} of type {gpu_type!r} are not free ({len(free)} {gpu_type} GPU(s) free)",
+            free=len(free),
+        )
+    for host in hosts:
+        if len(by_host[host]) >= count:
+            return by_host[host][:count]
+    if len(free) >= count:
+        raise NotEnoughGPUs(
+            f"{len(free)} {gpu_type} GPU(s) are free but not {count} on one host",
+            free=len(free),
+        )
+    raise NotEnoughGPUs(
+        f"not enough free {gpu_type} GPUs: asked for {count}, {len(free)} free", free=len(free)
+    )
+
+
+def cuda_visible_devices(allocations: Sequence[Allocation]) -> str:
+    """The value for CUDA_VISIBLE_DEVICES (NVML indices, in order)."""
+    return ",".join(str(a.gpu_id) for a in sorted(allocations, key=lambda a: a.gpu_id))
+
+
+def count_active(session: Session, user: str) -> int:
+    """How many GPUs `user` holds now."""
+    stmt = select(func.count()).where(Allocation.user == user, Allocation.state == ACTIVE)
+    return session.scalar(stmt) or 0
+
+
+def get(session: Session, settings: Settings, actor: str, allocation_id: int) -> Allocation:
+    """One allocation, if the actor may see it (holder or admin); else NotFound."""
+    row = session.get(Allocation, allocation_id)
+    if row is None or (row.user != actor and not settings.is_admin(actor)):
+        raise NotFound(f"no allocation {allocation_id}")
+    return row
+
+
+def list_for(
+    session: Session,
+    settings: Settings,
+    actor: str,
+    all_users: bool = False,
+    state: str | None = ACTIVE,
+    limit: int = 500,
+) -> list[Allocation]:
+    """The actor's allocations (admins: everyone's with `all_users`), newest first."""
+    if state is not None and state not in STATES:
+        raise Invalid(f"state must be one of {', '.join(STATES)}")
+    stmt = select(Allocation).order_by(Allocation.id.desc()).limit(limit)
+    if not (all_users and settings.is_admin(actor)):
+        stmt = stmt.where(Allocation.user == actor)
+    if state is not None:
+        stmt = stmt.where(Allocation.state == state)
+    return list(session.scalars(stmt))
+
+
+def active_on_host(session: Session, host: str) -> list[Allocation]:
+    """Every active allocation of one host: the desired state its agent enforces."""
+    stmt = select(Allocation).where(Allocation.host == host, Allocation.state == ACTIVE)
+    return list(session.scalars(stmt.order_by(Allocation.gpu_id)))
+
+
+def extend(
+    db: Database, settings: Settings, actor: str, allocation_id: int, hours: float
+) -> Allocation:
+    """Move an active allocation's end `hours` later, up to now + MAX_ALLOCATION_HOURS."""
+    _check_hours(settings, hours)
+    with db.transaction() as session:
+        row = get(session, settings, actor, allocation_id)
+        if row.state != ACTIVE:
+            raise Conflict(f"allocation {allocation_id} is {row.state}; only active ones extend")
+        now = utcnow()
+        new_end = max(row.expires_at, now) + timedelta(hours=hours)
+        limit = now + timedelta(hours=settings.max_allocation_hours)
+        if new_end > limit:
+            raise Invalid(
+                f"the new end would be past now + {settings.max_allocation_hours:g} h "
+                "(MAX_ALLOCATION_HOURS)",
+                latest=limit.isoformat(),
+            )
+        row.expires_at = new_end
+        row.reminded_at = row.expiry_warned_at = row.idle_warned_at = None
+        events.record(
+            session,
+            "extended",
+            actor,
+            f"allocation {row.id} (GPU {row.gpu_id}) extended by {hours:g} h to "
+            f"{new_end:%Y-%m-%d %H:%M} UTC",
+            user=row.user,
+            host=row.host,
+            gpu_id=row.gpu_id,
+            allocation_id=row.id,
+            data={"hours": hours, "expires_at": new_end.isoformat()},
+        )
+    return row
+
+
+def release(
+    db: Database, settings: Settings, actor: str, allocation_id: int, reason: str = "released"
+) -> Allocation:
+    """End an active allocation now (holder or admin). The agent then revokes access."""
+    with db.transaction() as session:
+        row = get(session, settings, actor, allocation_id)
+        if not finish(session, settings, row, RELEASED, reason, actor):
+            raise Conflict(f"allocation {allocation_id} is already {row.state}")
+    return row
+
+
+def release_all(db: Database, settings: Settings, actor: str, user: str | None = None) -> int:
+    """End every active allocation of `user` (default: the actor). Returns how many."""
+    user = user or actor
+    if user != actor and not settings.is_admin(actor):
+        raise Forbidden("only admins can release another user's GPUs")
+    with db.transaction() as session:
+        rows = session.scalars(
+            select(Allocation).where(Allocation.user == user, Allocation.state == ACTIVE)
+        ).all()
+        return sum(finish(session, settings, r, RELEASED, "released", actor) for r in rows)
+
+
+def finish(
+    session: Session,
+    settings: Settings,
+    row: Allocation,
+    state: str,
+    reason: str,
+    actor: str,
+    notify_holder: bool = True,
+) -> bool:
+    """Move an active allocation to `state` with a conditional update; False if another
+    process already ended it. Records the event and tells the holder."""
+    now = utcnow()
+    result = session.execute(
+        update(Allocation)
+        .where(Allocation.id == row.id, Allocation.state == ACTIVE)
+        .values(state=state, released_at=now, release_reason=reason, released_by=actor)
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:  # type: ignore[attr-defined]
+        session.refresh(row)
+        return False
+    session.refresh(row)
+    events.record(
+        session,
+        state,
+        actor,
+        f"allocation {row.id} (GPU {row.gpu_id} on {row.host}) of {row.user} {state}: {reason}",
+        user=row.user,
+        host=row.host,
+        gpu_id=row.gpu_id,
+        allocation_id=row.id,
+        data={"reason": reason},
+    )
+    if notify_holder:
+        by = "" if actor in (row.user, "agent", "policy") else f" by {actor}"
+        notify(
+            session,
+            settings,
+            state,
+            f"Your GPU {row.gpu_id} ({row.gpu_type}) on {row.host} was {state}{by}: {reason}.",
+            users=[row.user],
+        )
+    return True
+
+
+def reset(db: Database, settings: Settings, actor: str) -> int:
+    """Admin: end every active allocation; the agent then restores the access baseline."""
+    if not settings.is_admin(actor):
+        raise Forbidden("only admins can reset GPULocker")
+    with db.transaction() as session:
+        rows = session.scalars(select(Allocation).where(Allocation.state == ACTIVE)).all()
+        ended = sum(finish(session, settings, r, REVOKED, "reset", actor) for r in rows)
+        events.record(session, "reset", actor, f"reset: {ended} allocation(s) ended")
+    return ended
+
+
+def mark_access_applied(session: Session, allocation_id: int, at: datetime | None = None) -> bool:
+    """The agent granted the holder access on the device file. True the first time."""
+    result = session.execute(
+        update(Allocation)
+        .where(Allocation.id == allocation_id, Allocation.access_applied_at.is_(None))
+        .values(access_applied_at=at or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]

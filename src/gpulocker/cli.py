@@ -1,0 +1,97 @@
+"""The `gpulocker` command. Each subcommand parses, calls the core, prints."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpulocker.config import ConfigError, Settings, load_settings, simulated_gpu_config
+from gpulocker.errors import GPULockerError
+
+
+def fail(message: str, status: int = 1) -> None:
+    """Print one clear line to stderr and exit."""
+    click.echo(f"gpulocker: {message}", err=True)
+    sys.exit(status)
+
+
+def settings_from_env(simulate: str | None = None) -> Settings:
+    """Load the configuration; a bad value stops here with one line naming the key."""
+    try:
+        settings = load_settings()
+        if simulate:
+            settings = settings.with_overrides(
+                gpu_backend="simulated", gpu_config=simulated_gpu_config(simulate)
+            )
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", 2)
+        raise  # unreachable; for type checkers
+    return settings
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the core's refusals into one line and exit status 1."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except GPULockerError as exc:
+            fail(exc.message)
+        except ConfigError as exc:
+            fail(f"configuration error: {exc}", 2)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="gpulocker")
+def main() -> None:
+    """GPULocker: fair, enforced sharing of a server's GPUs."""
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@handle_errors
+def db_upgrade() -> None:
+    """Apply the schema migrations (also done automatically at every start)."""
+    from gpulocker.db import Database, current_revision
+
+    settings = settings_from_env()
+    database = Database(settings.database_url)
+    database.upgrade()
+    click.echo(f"database at revision {current_revision(database.engine)}")
+
+
+@main.group()
+def sim() -> None:
+    """Simulated GPUs (demo, tests)."""
+
+
+@sim.command("load")
+@click.argument("gpu_id", type=click.IntRange(min=0))
+@click.option("--util", type=click.FloatRange(0, 100), default=0.0, help="utilization %")
+@click.option("--mem-mib", type=click.FloatRange(min=0), default=0.0, help="memory used, MiB")
+@click.option("--error", default=None, help='make the GPU fail, e.g. "GPU is lost"')
+@handle_errors
+def sim_load(gpu_id: int, util: float, mem_mib: float, error: str | None) -> None:
+    """Set the load a simulated GPU reports."""
+    from gpulocker.gpus.simulated import write_load
+
+    settings = settings_from_env().with_overrides(gpu_backend="simulated")
+    device_dir: Path = settings.device_path
+    path = write_load(device_dir, gpu_id, util, mem_mib, error)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

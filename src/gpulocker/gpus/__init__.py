@@ -1,0 +1,99 @@
+"""GPU backends: what GPUs a host has and, every sample, what they are doing.
+
+Three backends share one small interface: `nvml` (the real one), `smi` (parses
+nvidia-smi) and `simulated` (files instead of GPUs, real processes). Only the agent
+talks to a backend; everyone else reads what the agent published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from gpulocker.config import Settings
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run on this host (no driver, no nvidia-smi...); says what to do."""
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as detected: identity and the device file that controls access to it."""
+
+    index: int
+    name: str
+    minor: int
+    device: str
+    memory_total_mib: int
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+    mig: bool = False
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process using a GPU, with its real owner."""
+
+    pid: int
+    uid: int | None
+    user: str
+    memory_mib: float = 0.0
+    name: str = ""
+
+
+@dataclass
+class GpuSample:
+    """One live reading of one GPU. `ok` is False when the GPU failed (then `error` says why)."""
+
+    index: int
+    at: datetime
+    ok: bool = True
+    error: str | None = None
+    utilization: float | None = None
+    memory_used_mib: float | None = None
+    memory_total_mib: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+    processes: list[GpuProcess] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what is published for the web workers)."""
+        data = asdict(self)
+        data["at"] = self.at.isoformat()
+        return data
+
+
+class GpuBackend(Protocol):
+    """What every backend provides."""
+
+    name: str
+
+    def inventory(self) -> list[GpuInfo]:
+        """Every GPU of this host."""
+        ...
+
+    def sample(self) -> list[GpuSample]:
+        """One reading per GPU; a failing GPU gives a sample with ok=False, never an exception."""
+        ...
+
+    def close(self) -> None:
+        """Release the library or handles."""
+        ...
+
+
+def make_backend(settings: Settings) -> GpuBackend:
+    """The backend GPU_BACKEND names."""
+    if settings.gpu_backend == "simulated":
+        from gpulocker.gpus.simulated import SimulatedBackend
+
+        return SimulatedBackend(settings.gpu_config, settings.device_path)
+    if settings.gpu_backend == "smi":
+        from gpulocker.gpus.smi import SmiBackend
+
+        return SmiBackend(settings.device_path)
+    from gpulocker.gpus.nvml import NvmlBackend
+
+    return NvmlBackend(settings.device_path)

@@ -1,0 +1,137 @@
+"""Simulated GPUs: a regular file per GPU stands in for /dev/nvidiaN.
+
+The file is created 0666 when missing (as the NVIDIA driver does), so ACL enforcement
+is exercised on a real file. A GPU's processes are the real processes that hold its file
+open. Load comes from `nvidia<id>.load` beside it: `{"utilization": 80, "memory_mib":
+10240}`, or `{"error": "GPU is lost"}` for a failed GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gpulocker import procfs
+from gpulocker.gpus import GpuInfo, GpuProcess, GpuSample
+from gpulocker.models import utcnow
+
+MEMORY_BY_TYPE_MIB = {"4090": 24564, "3090": 24576, "a100": 81920, "h100": 81559, "h200": 143771}
+DEFAULT_MEMORY_MIB = 16384
+
+
+def device_file(device_dir: Path, gpu_id: int) -> Path:
+    """The file that stands for GPU `gpu_id`."""
+    return device_dir / f"nvidia{gpu_id}"
+
+
+def load_file(device_dir: Path, gpu_id: int) -> Path:
+    """The JSON file holding GPU `gpu_id`'s simulated load."""
+    return device_dir / f"nvidia{gpu_id}.load"
+
+
+def write_load(
+    device_dir: Path,
+    gpu_id: int,
+    utilization: float = 0.0,
+    memory_mib: float = 0.0,
+    error: str | None = None,
+) -> Path:
+    """Set a simulated GPU's load (atomically: readers never see half a file)."""
+    data: dict[str, Any] = (
+        {"error": error} if error else {"utilization": utilization, "memory_mib": memory_mib}
+    )
+    path = load_file(device_dir, gpu_id)
+    device_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".load.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_device_file(path: Path) -> bool:
+    """Create the file 0666 if it is missing, as the driver would. True if it was created."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o755)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o666)
+    os.close(fd)
+    os.chmod(path, 0o666)  # noqa: S103 - as the driver does; the umask must not narrow it
+    return True
+
+
+class SimulatedBackend:
+    """GPUs from GPU_CONFIG (type -> ids), as files under DEVICE_DIR."""
+
+    name = "simulated"
+
+    def __init__(self, gpu_config: dict[str, list[int]], device_dir: Path) -> None:
+        if not gpu_config:
+            from gpulocker.gpus import BackendUnavailable
+
+            raise BackendUnavailable(
+                "simulated GPUs need GPU_CONFIG or --simulate, e.g. --simulate '{\"4090\": 4}'"
+            )
+        self.device_dir = Path(device_dir)
+        self.types = {gpu_id: t for t, ids in gpu_config.items() for gpu_id in ids}
+
+    def inventory(self) -> list[GpuInfo]:
+        """One GPU per configured id; the device files are created if missing."""
+        gpus = []
+        for gpu_id, gpu_type in sorted(self.types.items()):
+            path = device_file(self.device_dir, gpu_id)
+            ensure_device_file(path)
+            gpus.append(
+                GpuInfo(
+                    index=gpu_id,
+                    name=f"Simulated {gpu_type}",
+                    minor=gpu_id,
+                    device=str(path),
+                    memory_total_mib=MEMORY_BY_TYPE_MIB.get(gpu_type.lower(), DEFAULT_MEMORY_MIB),
+                    uuid=f"GPU-simulated-{gpu_id:04d}",
+                    pci_bus_id=f"00000000:{gpu_id + 1:02X}:00.0",
+                )
+            )
+        return gpus
+
+    def sample(self) -> list[GpuSample]:
+        """Read every load file and find the processes holding each device file."""
+        now = utcnow()
+        gpus = self.inventory()
+        held = procfs.holders(g.device for g in gpus)
+        return [self._sample_one(g, held.get(g.device, []), now) for g in gpus]
+
+    def _sample_one(
+        self, gpu: GpuInfo, holders: list[procfs.OpenFileHolder], now: Any
+    ) -> GpuSample:
+        load = self._read_load(gpu.index)
+        if "error" in load:
+            return GpuSample(index=gpu.index, at=now, ok=False, error=str(load["error"]))
+        utilization = float(load.get("utilization", 0))
+        memory = float(load.get("memory_mib", 0))
+        share = memory / len(holders) if holders else 0.0
+        return GpuSample(
+            index=gpu.index,
+            at=now,
+            utilization=utilization,
+            memory_used_mib=memory,
+            memory_total_mib=float(gpu.memory_total_mib),
+            temperature_c=round(30 + utilization * 0.5, 1),
+            power_w=round(50 + utilization * 3, 1),
+            processes=[GpuProcess(h.pid, h.uid, h.user, share, h.name) for h in holders],
+        )
+
+    def _read_load(self, gpu_id: int) -> dict[str, Any]:
+        try:
+            data = json.loads(load_file(self.device_dir, gpu_id).read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            return {"error": f"unreadable load file: {exc}"}
+        return data if isinstance(data, dict) else {"error": "load file is not a JSON object"}
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,178 @@
+"""Fixtures for every test: fresh databases (SQLite and PostgreSQL), a flushed Redis,
+real Linux test users, a test PAM service, and a device directory others can reach."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from gpulocker.config import Settings
+from gpulocker.context import Context
+from gpulocker.db import Database, upgrade
+from gpulocker.gpus.simulated import SimulatedBackend
+from gpulocker.inventory import register, types_from_config
+from tests.helpers import ADMIN, ALL_USERS, IS_ROOT, RUN, TestUser, password_for
+
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# A Redis database number per run (1-15), so parallel runs rarely flush each other.
+REDIS_URL = os.environ.get("TEST_REDIS_URL", f"redis://127.0.0.1:6379/{1 + int(RUN) % 15}")
+DATABASES = os.environ.get("GPULOCKER_TEST_DATABASES", "sqlite,postgresql").split(",")
+PAM_SERVICE = f"gpulocker-test-{RUN}"
+TEMPLATE = f"gltest_template_{RUN}"
+GPU_CONFIG = {"4090": [0, 1, 2, 3], "a100": [4, 5]}
+TEST_HOST = "testhost"
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: real users, PAM and ACLs")
+
+
+def _admin_conn() -> psycopg.Connection:
+    return psycopg.connect(POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+
+
+def _pg_url(name: str) -> str:
+    return POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated PostgreSQL database that each test's database is copied from (fast)."""
+    with _admin_conn() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}"')
+        conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
+    database = Database(_pg_url(TEMPLATE))
+    upgrade(database.engine)
+    database.dispose()
+    yield TEMPLATE
+    with _admin_conn() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated database for one test: SQLite and PostgreSQL (parametrized)."""
+    if request.param == "sqlite":
+        path = tmp_path / "gpulocker.db"
+        url = f"sqlite:///{path}"
+        database = Database(url)
+        upgrade(database.engine)
+        database.dispose()
+        yield url
+        return
+    template = request.getfixturevalue("pg_template")
+    name = f"gltest_{uuid.uuid4().hex[:12]}"
+    with _admin_conn() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    yield _pg_url(name)
+    with _admin_conn() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def device_dir() -> Iterator[Path]:
+    """A directory for simulated device files that every test user can reach (0755 path)."""
+    base = Path(tempfile.mkdtemp(prefix="gpulocker-test-", dir="/tmp"))
+    base.chmod(0o755)
+    dev = base / "dev"
+    dev.mkdir(mode=0o755)
+    yield dev
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str, device_dir: Path) -> Settings:
+    """Settings for one test: simulated GPUs {"4090": [0-3], "a100": [4, 5]}, fresh database."""
+    return Settings(
+        state_dir=tmp_path / "state",
+        database_url=database_url,
+        gpu_backend="simulated",
+        gpu_config=GPU_CONFIG,
+        device_dir=device_dir,
+        gpu_host=TEST_HOST,
+        privileged_users=(ADMIN,),
+        pam_service=PAM_SERVICE,
+        secret_key="test-secret-key",
+        kill_grace_seconds=1.0,
+        reconcile_seconds=0.5,
+    )
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Database]:
+    """The test's database, with the simulated GPUs of `settings` registered."""
+    database = Database(settings.database_url)
+    backend = SimulatedBackend(settings.gpu_config, settings.device_path)
+    with database.transaction() as session:
+        register(session, settings.gpu_host, types_from_config(settings.gpu_config, backend.inventory()))
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def ctx(settings: Settings, db: Database) -> Iterator[Context]:
+    """A Context on the test's settings and database."""
+    context = Context(settings)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def redis_client() -> Iterator[object]:
+    """A Redis database flushed before and after the test."""
+    from redis import Redis
+
+    client = Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def _delete_user(name: str) -> None:
+    subprocess.run(["pkill", "-KILL", "-u", name], check=False, capture_output=True)
+    subprocess.run(["userdel", "-r", "-f", name], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def users() -> Iterator[dict[str, TestUser]]:
+    """Real Linux accounts alice, bob, carol and admin, with passwords; removed afterwards."""
+    if not IS_ROOT:
+        pytest.skip("needs root to create test users")
+    made: dict[str, TestUser] = {}
+    try:
+        for name in ALL_USERS:
+            _delete_user(name)
+            subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True, capture_output=True)
+            subprocess.run(
+                ["chpasswd"], input=f"{name}:{password_for(name)}\n", text=True, check=True,
+                capture_output=True,
+            )
+            entry = pwd.getpwnam(name)
+            made[name] = TestUser(name, password_for(name), entry.pw_uid, entry.pw_gid, entry.pw_dir)
+        yield made
+    finally:
+        for name in ALL_USERS:
+            _delete_user(name)
+
+
+@pytest.fixture(scope="session")
+def pam_service() -> Iterator[str]:
+    """A PAM service checking /etc/shadow with `nodelay`, so failed sign-ins are fast."""
+    if not IS_ROOT:
+        pytest.skip("needs root to install a PAM service")
+    path = Path("/etc/pam.d") / PAM_SERVICE
+    path.write_text(
+        "# GPULocker tests: pam_unix without the failure delay\n"
+        "auth     required pam_unix.so nodelay\n"
+        "account  required pam_unix.so\n"
+    )
+    yield PAM_SERVICE
+    path.unlink(missing_ok=True)
