@@ -6,6 +6,7 @@ only read them, so a web worker never needs a GPU library.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,27 @@ def types_from_config(
             )
         typed += [TypedGpu(by_index[i], gpu_type) for i in ids]
     return sorted(typed, key=lambda t: t.info.index)
+
+
+def auto_type(name: str) -> str:
+    """A short type name from a model name: "NVIDIA GeForce RTX 4090" -> "4090",
+    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA H200" -> "h200", "Tesla V100-PCIE-16GB" -> "v100".
+
+    The rule: drop the vendor and family words, take the first remaining word up to a dash,
+    lower-cased. GPUs with the same model get the same type.
+    """
+    noise = {"nvidia", "geforce", "rtx", "gtx", "tesla", "quadro"}
+    words = [w for w in re.split(r"\s+", name.strip()) if w and w.lower() not in noise]
+    if not words:
+        return "gpu"
+    return words[0].split("-")[0].lower() or "gpu"
+
+
+def assign_types(gpu_config: dict[str, list[int]], detected: Sequence[GpuInfo]) -> list[TypedGpu]:
+    """Types from GPU_CONFIG when set, else every detected GPU grouped by model (auto_type)."""
+    if gpu_config:
+        return types_from_config(gpu_config, detected)
+    return [TypedGpu(g, auto_type(g.name)) for g in sorted(detected, key=lambda g: g.index)]
 
 
 def register(session: Session, host: str, gpus: Sequence[TypedGpu]) -> list[Gpu]:

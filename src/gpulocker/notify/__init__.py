@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gpulocker.config import Settings
+from gpulocker.db import Database
 from gpulocker.models import Notification, OutboxMessage, UserProfile, utcnow
 
 TELEGRAM = "telegram"
@@ -66,3 +67,20 @@ def notify(
         for url in settings.notify_urls:
             queue(APPRISE, url, admin_text)
     return inbox
+
+
+def admin_message(db: Database, settings: Settings, actor: str, user: str, message: str) -> None:
+    """Admin: send `message` to `user` (inbox and their channels), recorded in the audit log."""
+    from gpulocker import events
+    from gpulocker.errors import Forbidden, Invalid
+
+    if not settings.is_admin(actor):
+        raise Forbidden("only admins can message users")
+    text = message.strip()
+    if not text or len(text) > 4000:
+        raise Invalid("the message must be 1-4000 characters")
+    if not user.strip():
+        raise Invalid("say which user to message")
+    with db.transaction() as session:
+        notify(session, settings, "admin_message", f"Message from {actor}: {text}", users=[user])
+        events.record(session, "admin_message", actor, f"message to {user}", user=user)

@@ -1,0 +1,44 @@
+"""Heartbeats: a long-running process says it is alive; others ask how long ago it did."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gpulocker.models import Heartbeat, utcnow
+
+
+def agent_name(host: str) -> str:
+    """The heartbeat name of the agent of `host`."""
+    return f"agent:{host}"
+
+
+def beat(session: Session, name: str, data: dict[str, Any] | None = None) -> None:
+    """Record that `name` is alive now (with optional details, e.g. the last tick time)."""
+    row = session.get(Heartbeat, name)
+    if row is None:
+        session.add(Heartbeat(name=name, at=utcnow(), data=data))
+    else:
+        row.at, row.data = utcnow(), data
+
+
+def last(session: Session, name: str) -> Heartbeat | None:
+    """The last heartbeat of `name`, if it ever beat."""
+    return session.get(Heartbeat, name)
+
+
+def age_seconds(session: Session, name: str, now: datetime | None = None) -> float | None:
+    """Seconds since `name` last beat; None if it never did."""
+    row = last(session, name)
+    if row is None:
+        return None
+    return ((now or utcnow()) - row.at).total_seconds()
+
+
+def agents(session: Session) -> list[Heartbeat]:
+    """Every agent that ever beat (one per GPU host)."""
+    stmt = select(Heartbeat).where(Heartbeat.name.like("agent:%")).order_by(Heartbeat.name)
+    return list(session.scalars(stmt))
