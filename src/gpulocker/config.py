@@ -77,6 +77,7 @@ class Settings:
     telegram_api_url: str = "https://api.telegram.org"
     notify_urls: tuple[str, ...] = ()
     public_gpu_status: bool = True
+    socket_path: Path | None = None
 
     @property
     def effective_redis_url(self) -> str | None:
@@ -95,6 +96,15 @@ class Settings:
         if self.gpu_backend == "simulated":
             return self.state_dir / "dev"
         return Path("/dev")
+
+    @property
+    def local_socket_path(self) -> Path:
+        """SOCKET_PATH; by default /run/gpulocker/gpulocker.sock for root, else in STATE_DIR."""
+        if self.socket_path is not None:
+            return self.socket_path
+        if os.geteuid() == 0:
+            return Path("/run/gpulocker/gpulocker.sock")
+        return self.state_dir / "gpulocker.sock"
 
     def is_admin(self, user: str) -> bool:
         """Admins are the PRIVILEGED_USERS."""
@@ -283,6 +293,7 @@ KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "TELEGRAM_API_URL": ("telegram_api_url", _url(("http", "https"))),
     "NOTIFY_URLS": ("notify_urls", _list),
     "PUBLIC_GPU_STATUS": ("public_gpu_status", _bool),
+    "SOCKET_PATH": ("socket_path", _path),
 }
 
 _FIELD_NAMES = {f.name for f in fields(Settings)}
@@ -306,7 +317,7 @@ def read_environment(
     values: dict[str, str] = {}
     if path.is_file():
         values.update({k: v for k, v in dotenv_values(path).items() if v is not None})
-    elif env_file is not None or "GPULOCKER_ENV_FILE" in environ:
+    elif not path.exists() and (env_file is not None or "GPULOCKER_ENV_FILE" in environ):
         raise ConfigError(f"GPULOCKER_ENV_FILE: no such file: {path}")
     values.update({k: v for k, v in environ.items() if k in KEYS})
     return values

@@ -87,7 +87,7 @@ class SimulatedBackend:
             gpus.append(
                 GpuInfo(
                     index=gpu_id,
-                    name=f"Simulated {gpu_type}",
+                    name=f"NVIDIA {gpu_type} (simulated)",
                     minor=gpu_id,
                     device=str(path),
                     memory_total_mib=MEMORY_BY_TYPE_MIB.get(gpu_type.lower(), DEFAULT_MEMORY_MIB),
