@@ -96,7 +96,7 @@ def test_it_lets_admins_allocate_for_a_user(db: Database, settings: Settings) ->
 def test_it_refuses_a_locked_out_user_saying_until_when(db: Database, settings: Settings) -> None:
     with db.transaction() as s:
         lockouts.lock_out(s, settings, ALICE, "used GPU 2 without an allocation")
-    with pytest.raises(LockedOut, match="locked out until .* UTC"):
+    with pytest.raises(LockedOut, match=r"locked out until .* UTC"):
         allocations.request(db, settings, ALICE, "4090", 1, 1)
     lockouts.lift(db, settings, ADMIN, ALICE)
     assert allocations.request(db, settings, ALICE, "4090", 1, 1)

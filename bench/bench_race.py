@@ -1,0 +1,151 @@
+"""Race: N processes at once each ask for 1 GPU of a type that has 8 free.
+
+Prints, per database: granted, refused, errors and per-request latency (p50/p99), beside
+the latency of the same requests made one after another (the baseline, same run).
+Exactly 8 must be granted and the rest refused with a clear message, on SQLite and
+PostgreSQL. Usage: python bench/bench_race.py [--requests 64] [--gpus 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gpulocker import allocations  # noqa: E402
+from gpulocker.config import Settings  # noqa: E402
+from gpulocker.db import Database  # noqa: E402
+from gpulocker.errors import NotEnoughGPUs  # noqa: E402
+from gpulocker.gpus import GpuInfo  # noqa: E402
+from gpulocker.inventory import TypedGpu, register  # noqa: E402
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def fresh_database(kind: str, workdir: Path) -> str:
+    """A new, migrated database with `--gpus` GPUs of type 'bench'."""
+    if kind == "sqlite":
+        return f"sqlite:///{workdir / f'race-{uuid.uuid4().hex[:6]}.db'}"
+    name = f"glbench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(url: str) -> None:
+    if url.startswith("postgresql"):
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def prepare(url: str, gpus: int) -> Settings:
+    settings = Settings(database_url=url, gpu_host="bench", state_dir=Path(tempfile.gettempdir()))
+    db = Database(url)
+    db.upgrade()
+    infos = [GpuInfo(i, "bench", i, f"/dev/nvidia{i}", 1000) for i in range(gpus)]
+    with db.transaction() as session:
+        register(session, "bench", [TypedGpu(g, "bench") for g in infos])
+    db.dispose()
+    return settings
+
+
+def one_request(settings: Settings, user: str, barrier: object, out: object) -> None:
+    """A child process: wait for everyone, then ask for one GPU."""
+    db = Database(settings.database_url)
+    with db.session() as s:  # open the connection before the start line
+        s.connection()
+    barrier.wait()  # type: ignore[attr-defined]
+    start = time.perf_counter()
+    try:
+        allocations.request(db, settings, user, "bench", 1, 1)
+        outcome = "granted"
+    except NotEnoughGPUs as exc:
+        outcome = "refused" if "free" in exc.message else f"error: {exc.message}"
+    except Exception as exc:  # noqa: BLE001 - a benchmark counts every failure
+        outcome = f"error: {type(exc).__name__}: {exc}"
+    out.put((outcome, time.perf_counter() - start))  # type: ignore[attr-defined]
+    db.dispose()
+
+
+def race(settings: Settings, requests: int) -> tuple[list[str], list[float]]:
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(requests)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=one_request, args=(settings, f"racer{i}", barrier, out))
+        for i in range(requests)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def sequential(settings: Settings, requests: int) -> list[float]:
+    """The baseline: the same requests one after another, after a reset."""
+    db = Database(settings.database_url)
+    admin_settings = settings.with_overrides(privileged_users=("admin",))
+    allocations.reset(db, admin_settings, "admin")
+    times = []
+    for i in range(requests):
+        start = time.perf_counter()
+        try:
+            allocations.request(db, settings, f"seq{i}", "bench", 1, 1)
+        except NotEnoughGPUs:
+            pass
+        times.append(time.perf_counter() - start)
+    db.dispose()
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--gpus", type=int, default=8)
+    args = parser.parse_args()
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("sqlite", "postgresql"):
+            url = fresh_database(kind, Path(tmp))
+            try:
+                settings = prepare(url, args.gpus)
+                outcomes, latencies = race(settings, args.requests)
+                baseline = sequential(settings, args.requests)
+            finally:
+                drop_database(url)
+            granted = outcomes.count("granted")
+            refused = outcomes.count("refused")
+            errors = [o for o in outcomes if o.startswith("error")]
+            print(
+                f"{kind:10} {args.requests} concurrent requests for 1 of {args.gpus} GPUs: "
+                f"granted={granted} refused={refused} errors={len(errors)} | latency "
+                f"p50={pct(latencies, 0.5):.1f} ms p99={pct(latencies, 0.99):.1f} ms | "
+                f"one-at-a-time baseline p50={pct(baseline, 0.5):.1f} ms "
+                f"(ratio p50 contended/baseline {statistics.median(latencies) / statistics.median(baseline):.1f}x)"
+            )
+            for error in errors[:5]:
+                print("   ", error)
+            ok &= granted == args.gpus and refused == args.requests - args.gpus and not errors
+    print("RESULT:", "ok" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
