@@ -93,5 +93,25 @@ def sim_load(gpu_id: int, util: float, mem_mib: float, error: str | None) -> Non
     click.echo(f"wrote {path}")
 
 
+@main.command("agent")
+@click.option("--simulate", default=None, help='simulated GPUs, e.g. \'{"4090": 4}\'')
+@handle_errors
+def agent_command(simulate: str | None) -> None:
+    """The privileged agent: enforces GPU access, samples GPUs, runs the policies."""
+    from gpulocker.agent import serve_forever
+    from gpulocker.context import configure_logging, open_context
+    from gpulocker.gpus import BackendUnavailable
+
+    settings = settings_from_env(simulate)
+    configure_logging(settings)
+    ctx = open_context(settings)
+    try:
+        serve_forever(ctx)
+    except (BackendUnavailable, ValueError) as exc:
+        fail(str(exc))
+    finally:
+        ctx.close()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,169 @@
+"""Violations: a process on a managed GPU whose owner may not use that GPU.
+
+May use it: the holder of its active allocation, a former holder whose access is still
+being removed (their processes are already being ended by the revoke), the exempt users
+(EXEMPT_USERS), and admins when PRIVILEGED_GPU_ACCESS. Anyone else is a violator: the
+event is recorded, their processes are ended (KILL_VIOLATORS), they are locked out for
+USER_LOCKOUT_HOURS and they and the admins are told. A process is punished once.
+
+When the database cannot be read nothing is punished: not knowing who holds a GPU is
+never a reason to kill.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import psutil
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gpulocker import events, lockouts
+from gpulocker.config import Settings
+from gpulocker.gpus import GpuSample
+from gpulocker.models import ACTIVE, Allocation
+from gpulocker.notify import notify
+
+if TYPE_CHECKING:
+    from gpulocker.agent import Agent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Suspect:
+    """A process seen on a GPU its owner may not use."""
+
+    gpu_id: int
+    pid: int
+    uid: int | None
+    user: str
+    name: str
+
+
+def allowed_users(session: Session, host: str) -> dict[int, set[str]]:
+    """Per GPU of `host`: its holder, and former holders whose access is still being removed."""
+    stmt = select(Allocation.gpu_id, Allocation.user).where(
+        Allocation.host == host,
+        (Allocation.state == ACTIVE) | Allocation.access_removed_at.is_(None),
+    )
+    allowed: dict[int, set[str]] = defaultdict(set)
+    for gpu_id, user in session.execute(stmt):
+        allowed[gpu_id].add(user)
+    return allowed
+
+
+def exempt(settings: Settings) -> set[str]:
+    """Users whose processes are never violations."""
+    users = set(settings.exempt_users)
+    if settings.privileged_gpu_access:
+        users |= set(settings.privileged_users)
+    return users
+
+
+def suspects(
+    samples: dict[int, GpuSample], allowed: dict[int, set[str]], exempt_users: set[str]
+) -> list[Suspect]:
+    """Processes in `samples` whose owner may not use that GPU."""
+    found = []
+    for gpu_id, sample in sorted(samples.items()):
+        for proc in sample.processes:
+            if proc.user in exempt_users or proc.user in allowed.get(gpu_id, set()):
+                continue
+            found.append(Suspect(gpu_id, proc.pid, proc.uid, proc.user, proc.name))
+    return found
+
+
+def record(
+    session: Session, settings: Settings, host: str, user: str, found: list[Suspect], killed: bool
+) -> None:
+    """The event per GPU, the lockout, and the message to the owner and the admins."""
+    gpus = sorted({s.gpu_id for s in found})
+    for gpu_id in gpus:
+        pids = [s.pid for s in found if s.gpu_id == gpu_id]
+        names = sorted({s.name for s in found if s.gpu_id == gpu_id and s.name})
+        events.record(
+            session,
+            "violation",
+            "agent",
+            f"{user} used GPU {gpu_id} on {host} without holding it "
+            f"(pid {', '.join(map(str, pids))}){'; killed' if killed else ''}",
+            user=user,
+            host=host,
+            gpu_id=gpu_id,
+            data={"pids": pids, "names": names, "killed": killed},
+        )
+    gpu_text = ", ".join(map(str, gpus))
+    lockout = lockouts.lock_out(
+        session, settings, user, f"used GPU(s) {gpu_text} on {host} without an allocation"
+    )
+    done = "Your processes there were ended. " if killed else ""
+    notify(
+        session,
+        settings,
+        "violation",
+        f"{user} used GPU(s) {gpu_text} on {host} without an allocation. {done}"
+        f"{user} may not allocate until {lockout.until:%Y-%m-%d %H:%M} UTC.",
+        users=[user],
+        admins=True,
+    )
+
+
+def check(agent: Agent) -> bool:
+    """The agent step: find violators in the newest samples and deal with each once."""
+    _forget_gone(agent.punished)
+    with agent.ctx.db.session() as session:
+        allowed = allowed_users(session, agent.host)
+    fresh = [
+        s
+        for s in suspects(agent.samples, allowed, exempt(agent.settings))
+        if _new_and_alive(s, agent.punished)
+    ]
+    by_user: dict[str, list[Suspect]] = defaultdict(list)
+    for suspect in fresh:
+        by_user[suspect.user].append(suspect)
+    for user, found in by_user.items():
+        _punish(agent, user, found)
+    return bool(by_user)
+
+
+def _punish(agent: Agent, user: str, found: list[Suspect]) -> None:
+    killed = agent.settings.kill_violators
+    pids = [s.pid for s in found]
+    log.warning("violation by %s on %s: pids %s", user, agent.host, pids)
+    if killed:
+        agent.reaper.terminate(pids)
+    with agent.ctx.db.transaction() as session:
+        record(session, agent.settings, agent.host, user, found, killed)
+    for suspect in found:
+        agent.punished[suspect.pid] = _start_time(suspect.pid) or 0.0
+
+
+def _new_and_alive(suspect: Suspect, punished: dict[int, float]) -> bool:
+    """Still running as the same owner (samples can be a second old) and not yet punished."""
+    try:
+        process = psutil.Process(suspect.pid)
+        if suspect.uid is not None and process.uids().real != suspect.uid:
+            return False
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        started = process.create_time()
+    except psutil.NoSuchProcess:
+        return False
+    return punished.get(suspect.pid) != started
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _forget_gone(punished: dict[int, float]) -> None:
+    for pid, started in list(punished.items()):
+        if _start_time(pid) != started:
+            del punished[pid]
