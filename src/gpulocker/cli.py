@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from gpulocker.cli_client import register as register_client_commands
 from gpulocker.config import ConfigError, Settings, load_settings, simulated_gpu_config
 from gpulocker.errors import GPULockerError
 
@@ -53,6 +54,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="gpulocker")
 def main() -> None:
     """GPULocker: fair, enforced sharing of a server's GPUs."""
+
+
+register_client_commands(main)  # status, request, list, release, extend, admin, login
 
 
 @main.group()

@@ -1,0 +1,390 @@
+"""How the terminal commands reach GPULocker: the local socket, or HTTP with a token.
+
+On the GPU server the agent's socket needs no password (the kernel tells it who is
+calling). From elsewhere, `gpulocker login --server URL` stores a token and the commands
+go over HTTP. Both transports answer the same operations with the same shapes, so the
+commands do not care which one they use.
+
+This module imports neither SQLAlchemy nor Flask: a terminal command should start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from gpulocker.config import default_state_dir, read_environment
+
+ROOT_SOCKET = Path("/run/gpulocker/gpulocker.sock")
+TIMEOUT = 30.0  # seconds; a request waits at most ~2 s for the agent, the rest is slack
+
+
+class ClientError(Exception):
+    """A refusal or a failure to reach GPULocker, as one line for the user."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Client(Protocol):
+    """Something that answers the operations of gpulocker.localapi."""
+
+    where: str
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Run one operation; raise ClientError on a refusal."""
+        ...
+
+
+def _raise_for(answer: Any) -> dict[str, Any]:
+    """The result of an answer, or the ClientError its error describes."""
+    if not isinstance(answer, dict):
+        raise ClientError("protocol", "the server sent an answer this client does not understand")
+    if "error" in answer:
+        err = answer["error"] if isinstance(answer["error"], dict) else {}
+        raise ClientError(str(err.get("code", "error")), str(err.get("message", answer["error"])))
+    return answer
+
+
+class SocketClient:
+    """The agent's local socket (JSON lines), identified by the kernel: no password."""
+
+    def __init__(self, path: Path, timeout: float = TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.where = f"socket {path}"
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request, read one answer line."""
+        request = json.dumps({"op": op, "args": args}).encode() + b"\n"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(str(self.path))
+                sock.sendall(request)
+                with sock.makefile("rb") as reader:
+                    line = reader.readline()
+            except OSError as exc:
+                raise ClientError(
+                    "unreachable",
+                    f"cannot talk to the GPULocker agent at {self.path}: {exc.strerror or exc}; "
+                    "is `gpulocker agent` running?",
+                ) from None
+        if not line:
+            raise ClientError("unreachable", f"the agent at {self.path} closed the connection")
+        answer = _raise_for(json.loads(line))
+        return dict(answer.get("result") or {})
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What `gpulocker login` stores: the server and the API token for it."""
+
+    server: str
+    token: str
+    username: str = ""
+
+
+def credentials_path() -> Path:
+    """~/.config/gpulocker/credentials.json (XDG_CONFIG_HOME respected)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "gpulocker" / "credentials.json"
+
+
+def normalize_server(url: str) -> str:
+    """`host:5151` -> `http://host:5151`; no trailing slash."""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url
+
+
+def load_credentials(path: Path | None = None) -> Credentials | None:
+    """The stored credentials, if `gpulocker login` was run."""
+    path = path or credentials_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ClientError("credentials", f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or not data.get("server") or not data.get("token"):
+        raise ClientError("credentials", f"{path} is damaged; run `gpulocker login` again")
+    return Credentials(str(data["server"]), str(data["token"]), str(data.get("username", "")))
+
+
+def save_credentials(creds: Credentials, path: Path | None = None) -> Path:
+    """Write the credentials readable by the owner only (0600, directory 0700), atomically."""
+    path = path or credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(
+            {"server": creds.server, "token": creds.token, "username": creds.username}, handle
+        )
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def forget_credentials(path: Path | None = None) -> bool:
+    """Remove the stored credentials; True if there were any."""
+    path = path or credentials_path()
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def http_json(
+    method: str,
+    url: str,
+    body: dict[str, Any] | None = None,
+    token: str | None = None,
+    timeout: float = TIMEOUT,
+) -> Any:
+    """One HTTP request with a JSON body; the decoded answer, or ClientError."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 (URL is the user's server)
+    request.add_header("Accept", "application/json")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        raise _http_error(exc, url) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ClientError("unreachable", f"cannot reach {url}: {reason}") from None
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ClientError("protocol", f"{url} did not answer with JSON") from None
+
+
+def _http_error(exc: urllib.error.HTTPError, url: str) -> ClientError:
+    try:
+        answer = json.loads(exc.read() or b"{}")
+    except ValueError:
+        answer = {}
+    err = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(err, dict) and err.get("message"):
+        code, message = str(err.get("code", exc.code)), str(err["message"])
+    else:
+        code, message = str(exc.code), f"{url} answered {exc.code} {exc.reason}"
+    if exc.code == 401:
+        message += " (run `gpulocker login --server URL` to sign in again)"
+    return ClientError(code, message)
+
+
+class HttpClient:
+    """The HTTP API with a bearer token (SPEC section 7), answering like the socket."""
+
+    def __init__(self, server: str, token: str, timeout: float = TIMEOUT) -> None:
+        self.server = normalize_server(server)
+        self.token = token
+        self.timeout = timeout
+        self.where = self.server
+
+    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return http_json(method, self.server + path, body, self.token, self.timeout)
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Map the operation onto its endpoint."""
+        handler = getattr(self, "_op_" + op.replace(".", "_"), None)
+        if handler is None:
+            raise ClientError("invalid", f"{op} is not available over HTTP")
+        return dict(handler(**args))
+
+    def _op_me(self) -> Any:
+        return self._json("GET", "/api/v1/me")
+
+    def _op_status(self) -> Any:
+        return normalize_status(self._json("GET", "/api/gpu_status"))
+
+    def _op_allocations_request(self, **args: Any) -> Any:
+        body = {k: v for k, v in args.items() if v is not None}
+        rows = _allocations(self._json("POST", "/api/v1/allocations", body))
+        ids = ",".join(str(r["gpu_id"]) for r in sorted(rows, key=lambda r: r["gpu_id"]))
+        return {
+            "allocations": rows,
+            "cuda_visible_devices": ids,
+            "access_applied": all(r.get("access_applied_at") for r in rows),
+        }
+
+    def _op_allocations_list_for(self, all: bool = False, state: str = "active") -> Any:
+        query = {"state": "" if state == "any" else state}
+        if all:
+            query["all"] = "1"
+        path = "/api/v1/allocations?" + urllib.parse.urlencode(query)
+        return {"allocations": _allocations(self._json("GET", path))}
+
+    def _op_allocations_get(self, id: int) -> Any:
+        return {"allocation": _allocation(self._json("GET", f"/api/v1/allocations/{id}"))}
+
+    def _op_allocations_extend(self, id: int, hours: float) -> Any:
+        answer = self._json("POST", f"/api/v1/allocations/{id}/extend", {"hours": hours})
+        return {"allocation": _allocation(answer)}
+
+    def _op_allocations_release(self, id: int) -> Any:
+        return {"allocation": _allocation(self._json("DELETE", f"/api/v1/allocations/{id}"))}
+
+    def _op_allocations_release_all(self, user: str | None = None) -> Any:
+        mine = self._op_allocations_list_for(all=user is not None)["allocations"]
+        me = user or self._op_me().get("username")
+        released = 0
+        for row in mine:
+            if row.get("user") == me:
+                self._op_allocations_release(int(row["id"]))
+                released += 1
+        return {"released": released}
+
+    def _op_allocations_reset(self) -> Any:
+        answer = self._json("POST", "/api/v1/admin/reset", {})
+        return {"ended": answer.get("ended", answer.get("released", 0))}
+
+    def _op_lockouts_all_active(self) -> Any:
+        answer = self._json("GET", "/api/v1/admin/lockouts")
+        return {"lockouts": answer.get("lockouts", []) if isinstance(answer, dict) else answer}
+
+    def _op_lockouts_lift(self, user: str) -> Any:
+        answer = self._json("DELETE", f"/api/v1/admin/lockouts/{urllib.parse.quote(user)}")
+        return {"lifted": answer.get("lifted", 1)}
+
+    def _op_maintenance_set_enabled(self, enabled: bool, message: str = "") -> Any:
+        body = {"enabled": enabled, "message": message}
+        answer = self._json("POST", "/api/v1/admin/maintenance", body)
+        return {"enabled": answer.get("enabled", enabled)}
+
+    def _op_notify_admin_message(self, user: str, message: str) -> Any:
+        self._json("POST", "/api/v1/admin/notify", {"user": user, "message": message})
+        return {"sent": True}
+
+
+def _allocations(answer: Any) -> list[dict[str, Any]]:
+    rows = answer.get("allocations", []) if isinstance(answer, dict) else answer
+    if not isinstance(rows, list):
+        raise ClientError("protocol", "the server's answer has no list of allocations")
+    return rows
+
+
+def _allocation(answer: Any) -> dict[str, Any]:
+    if isinstance(answer, dict) and isinstance(answer.get("allocation"), dict):
+        return dict(answer["allocation"])
+    if isinstance(answer, dict) and "id" in answer:
+        return answer
+    raise ClientError("protocol", "the server's answer holds no allocation")
+
+
+def normalize_status(answer: Any) -> dict[str, Any]:
+    """/api/gpu_status in the shape of the socket's `status` (gpulocker.gpustatus)."""
+    gpus = answer.get("gpus", []) if isinstance(answer, dict) else answer
+    if not isinstance(gpus, list):
+        raise ClientError("protocol", "the server's GPU status has no list of GPUs")
+    rows = [_status_row(g) for g in gpus if isinstance(g, dict)]
+    maintenance = bool(answer.get("maintenance")) if isinstance(answer, dict) else False
+    return {"gpus": rows, "maintenance": maintenance}
+
+
+def _first(data: dict[str, Any], *names: str) -> Any:
+    for name in names:
+        if data.get(name) is not None:
+            return data[name]
+    return None
+
+
+def _status_row(gpu: dict[str, Any]) -> dict[str, Any]:
+    """Accept the field names of gpustatus and the usual alternatives of a status API."""
+    holder = gpu.get("holder")
+    allocation: dict[str, Any] = (
+        gpu["allocation"] if isinstance(gpu.get("allocation"), dict) else {}
+    )
+    if isinstance(holder, dict):
+        allocation, holder = holder, holder.get("user")
+    sample = gpu.get("live") or gpu.get("sample") or {}
+    merged = {**sample, **gpu} if isinstance(sample, dict) else dict(gpu)
+    return {
+        "host": _first(merged, "host") or "",
+        "gpu_id": _first(merged, "gpu_id", "id", "index"),
+        "gpu_type": _first(merged, "gpu_type", "type") or "",
+        "name": _first(merged, "name") or "",
+        "device": _first(merged, "device") or "",
+        "healthy": merged.get("healthy", merged.get("ok", True)),
+        "error": _first(merged, "error"),
+        "utilization": _first(merged, "utilization", "utilization_percent", "util"),
+        "memory_used_mib": _first(merged, "memory_used_mib", "memory_used"),
+        "memory_total_mib": _first(merged, "memory_total_mib", "memory_total"),
+        "temperature_c": _first(merged, "temperature_c", "temperature"),
+        "power_w": _first(merged, "power_w", "power"),
+        "holder": holder or _first(allocation, "user"),
+        "allocation_id": _first(merged, "allocation_id") or _first(allocation, "id"),
+        "expires_at": _first(merged, "expires_at") or _first(allocation, "expires_at"),
+        "processes": [p for p in merged.get("processes") or [] if isinstance(p, dict)],
+    }
+
+
+def socket_candidates() -> list[Path]:
+    """Where the agent's socket may be: SOCKET_PATH if set, else the root agent's path,
+    then the per-user state dir (a `gpulocker serve` run by an ordinary user)."""
+    raw = read_environment()
+    if raw.get("SOCKET_PATH"):
+        return [Path(raw["SOCKET_PATH"]).expanduser()]
+    state_dir = Path(raw["STATE_DIR"]).expanduser() if raw.get("STATE_DIR") else default_state_dir()
+    return [ROOT_SOCKET, state_dir / "gpulocker.sock"]
+
+
+def connect(server: str | None = None, socket_path: Path | None = None) -> Client:
+    """The client to use: `--socket`, else `--server` (or stored login), else the local socket."""
+    if socket_path is not None:
+        return SocketClient(socket_path)
+    creds = load_credentials()
+    if server:
+        wanted = normalize_server(server)
+        if creds is None or normalize_server(creds.server) != wanted:
+            raise ClientError(
+                "not_signed_in",
+                f"not signed in to {wanted}: run `gpulocker login --server {wanted}`",
+            )
+        return HttpClient(creds.server, creds.token)
+    if creds is not None:
+        return HttpClient(creds.server, creds.token)
+    candidates = socket_candidates()
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            if path.is_socket():
+                return SocketClient(path)
+    shown = " or ".join(str(p) for p in candidates)
+    raise ClientError(
+        "unreachable",
+        f"no GPULocker agent socket at {shown}; is `gpulocker agent` running here? "
+        "From another machine: `gpulocker login --server URL`",
+    )
+
+
+def login(server: str, username: str, password: str) -> Credentials:
+    """POST /api/v1/tokens with the Linux user name and password; the token to store."""
+    server = normalize_server(server)
+    answer = http_json(
+        "POST", server + "/api/v1/tokens", {"username": username, "password": password}
+    )
+    token = answer.get("token") if isinstance(answer, dict) else None
+    if not isinstance(token, str) or not token:
+        raise ClientError("protocol", f"{server} gave no token")
+    return Credentials(server, token, username)
