@@ -1,0 +1,234 @@
+"""Delivering the outbox: every queued message goes out on its channel, in order, at least
+once, retried with backoff while the channel is down, and never lost across a restart.
+
+Rows are created by `notify()` in the transaction of the change they report. A sender
+claims a row with a conditional UPDATE (moving its next attempt into the future), so two
+agents never send the same message at once, and a sender that dies mid-send leaves a row
+that becomes due again after CLAIM_SECONDS. Within one destination (channel + target)
+only the oldest pending message may go, so a retried message is never overtaken.
+Sending runs in a background thread of the agent: a slow channel never stalls enforcement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from gpulocker.background import Worker, worker_for
+from gpulocker.config import Settings
+from gpulocker.context import Context
+from gpulocker.db import Database
+from gpulocker.models import OutboxMessage, utcnow
+from gpulocker.monitor import AgentView
+from gpulocker.notify import APPRISE, TELEGRAM, telegram
+from gpulocker.notify.telegram import DeliveryError
+
+log = logging.getLogger(__name__)
+
+CLAIM_SECONDS = 120.0
+FIRST_RETRY_SECONDS = 15.0
+MAX_RETRY_SECONDS = 3600.0
+BATCH = 500
+_proxy_lock = threading.Lock()
+
+
+def queue(session: Session, channel: str, target: str, kind: str, message: str) -> OutboxMessage:
+    """Queue one message for one destination (no inbox row: for replies to a chat)."""
+    now = utcnow()
+    row = OutboxMessage(
+        channel=channel,
+        target=target,
+        kind=kind,
+        message=message,
+        created_at=now,
+        next_attempt_at=now,
+    )
+    session.add(row)
+    return row
+
+
+def backoff_seconds(attempts: int) -> float:
+    """15 s, 30 s, 1 min, 2 min... capped at one hour: a long outage costs few requests."""
+    return min(FIRST_RETRY_SECONDS * 2 ** max(0, attempts - 1), MAX_RETRY_SECONDS)
+
+
+def pending(db: Database, limit: int = BATCH) -> list[OutboxMessage]:
+    """Messages not yet sent nor given up, oldest first."""
+    with db.session() as session:
+        stmt = (
+            select(OutboxMessage)
+            .where(OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None))
+            .order_by(OutboxMessage.id)
+            .limit(limit)
+        )
+        return list(session.scalars(stmt))
+
+
+def claim(db: Database, row: OutboxMessage, now: datetime) -> bool:
+    """Take `row` for sending; False if another sender has it or it is not due."""
+    with db.transaction() as session:
+        result = session.execute(
+            update(OutboxMessage)
+            .where(
+                OutboxMessage.id == row.id,
+                OutboxMessage.sent_at.is_(None),
+                OutboxMessage.failed_at.is_(None),
+                OutboxMessage.next_attempt_at <= now,
+            )
+            .values(
+                next_attempt_at=now + timedelta(seconds=CLAIM_SECONDS),
+                attempts=OutboxMessage.attempts + 1,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        claimed = bool(result.rowcount)  # type: ignore[attr-defined]
+    if claimed:
+        row.attempts += 1
+    return claimed
+
+
+def deliver(ctx: Context, now: datetime | None = None) -> int:
+    """One pass over the outbox; returns how many messages went out."""
+    sent = 0
+    blocked: set[tuple[str, str]] = set()
+    for row in pending(ctx.db):
+        destination = (row.channel, row.target)
+        if destination in blocked:
+            continue
+        started = now or utcnow()
+        if row.next_attempt_at > started or not claim(ctx.db, row, started):
+            blocked.add(destination)  # its oldest message waits, so the rest wait behind it
+            continue
+        try:
+            send(ctx.settings, row)
+        except DeliveryError as exc:
+            _failed(ctx.db, row, exc, now or utcnow())
+            if not exc.permanent:
+                blocked.add(destination)
+            continue
+        _sent(ctx.db, row, now or utcnow())
+        sent += 1
+    return sent
+
+
+def send(settings: Settings, row: OutboxMessage) -> None:
+    """Hand one message to its channel; DeliveryError if it did not go."""
+    if row.channel == TELEGRAM:
+        telegram.send_message(settings, row.target, row.message)
+    elif row.channel == APPRISE:
+        send_apprise(settings, row.target, row.message)
+    else:
+        raise DeliveryError(f"unknown channel {row.channel!r}", permanent=True)
+
+
+def send_apprise(settings: Settings, url: str, text: str) -> None:
+    """One NOTIFY_URLS target through Apprise (mailto://, slack://, json://...)."""
+    import apprise
+
+    sender = apprise.Apprise()
+    if not sender.add(url):
+        raise DeliveryError("not a notification URL Apprise understands", permanent=True)
+    with proxy_environment(settings.proxy_url):
+        ok = sender.notify(title="GPULocker", body=text)
+    if not ok:
+        raise DeliveryError("the NOTIFY_URLS target did not accept the message")
+
+
+@contextmanager
+def proxy_environment(proxy_url: str | None) -> Iterator[None]:
+    """Apprise has no proxy option; the requests library it uses reads HTTP(S)_PROXY, so
+    PROXY_URL is put there for the duration of one send (under a lock: one send at a time)."""
+    if not proxy_url:
+        yield
+        return
+    names = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")
+    with _proxy_lock:
+        saved = {name: os.environ.get(name) for name in names}
+        os.environ.update(dict.fromkeys(names, proxy_url))
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _sent(db: Database, row: OutboxMessage, now: datetime) -> None:
+    with db.transaction() as session:
+        session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id == row.id)
+            .values(sent_at=now, last_error=None)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _failed(db: Database, row: OutboxMessage, exc: DeliveryError, now: datetime) -> None:
+    """Give up on a permanent refusal; otherwise try again after the backoff (or the wait
+    the service asked for)."""
+    values: dict[str, object] = {"last_error": str(exc)[:2000]}
+    if exc.permanent:
+        values["failed_at"] = now
+        log.warning("outbox message %s to %s refused for good: %s", row.id, row.channel, exc)
+    else:
+        delay = exc.retry_after if exc.retry_after is not None else backoff_seconds(row.attempts)
+        values["next_attempt_at"] = now + timedelta(seconds=delay)
+        log.info(
+            "outbox message %s to %s failed (attempt %d), retry in %.0f s: %s",
+            row.id,
+            row.channel,
+            row.attempts,
+            delay,
+            exc,
+        )
+    with db.transaction() as session:
+        session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id == row.id)
+            .values(values)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def has_due(db: Database, now: datetime | None = None) -> bool:
+    """Whether any message is due (a cheap check before starting a sending thread)."""
+    with db.session() as session:
+        stmt = (
+            select(OutboxMessage.id)
+            .where(
+                OutboxMessage.sent_at.is_(None),
+                OutboxMessage.failed_at.is_(None),
+                OutboxMessage.next_attempt_at <= (now or utcnow()),
+            )
+            .limit(1)
+        )
+        return session.scalar(stmt) is not None
+
+
+def _deliver_quietly(ctx: Context) -> None:
+    try:
+        deliver(ctx)
+    except Exception:  # a database hiccup must not kill the thread's owner; next pass retries
+        log.exception("outbox delivery pass failed")
+
+
+def outbox_step(agent: AgentView) -> bool:
+    """Agent step: start a delivery pass in the background when messages are due."""
+    worker: Worker = worker_for(agent, "outbox")
+    if worker.busy or not has_due(agent.ctx.db):
+        return False
+    return worker.start(_deliver_quietly, agent.ctx)
+
+
+def outbox_every(settings: Settings) -> float:
+    """Due messages are looked for every second."""
+    return 1.0
