@@ -1,0 +1,60 @@
+"""The web application: JSON API, health, metrics and (when present) the HTML pages.
+
+`create_app()` is the factory every server uses (`wsgi.py`, `gpulocker serve/web`,
+tests). It opens one Context per process and keeps it in `app.extensions["gpulocker"]`;
+views reach it through `gpulocker.web.session.get_ctx()`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from datetime import timedelta
+
+from flask import Flask
+
+from gpulocker import tokens
+from gpulocker.config import Settings, load_settings, resolve_secret_key
+from gpulocker.context import Context, open_context
+from gpulocker.web import errors, session
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None, ctx: Context | None = None) -> Flask:
+    """Build the app on `ctx` (or a Context opened on `settings`, or on the environment)."""
+    if ctx is None:
+        ctx = open_context(settings or load_settings())
+    settings = ctx.settings
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=resolve_secret_key(settings),
+        SESSION_COOKIE_NAME="gpulocker_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=bool(settings.ssl_cert),
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=tokens.WEB_SESSION_HOURS),
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        LOGIN_VIEW="pages.login",
+    )
+    app.extensions["gpulocker"] = ctx
+    app.jinja_env.globals.update(
+        csrf_token=session.csrf_token,
+        current_user=session.current_user,
+        is_admin=session.is_admin,
+    )
+    errors.register(app)
+    _register_blueprints(app)
+    return app
+
+
+def _register_blueprints(app: Flask) -> None:
+    """The API, health and metrics always; the pages (`web/pages.py`, `bp`) when shipped."""
+    from gpulocker.web import api, health
+
+    app.register_blueprint(api.bp)
+    app.register_blueprint(health.bp)
+    health.install_request_counter(app)
+    if importlib.util.find_spec("gpulocker.web.pages") is not None:
+        from gpulocker.web import pages
+
+        app.register_blueprint(pages.bp)

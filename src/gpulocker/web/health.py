@@ -1,0 +1,208 @@
+"""`/healthz` (can this process do its job?) and `/metrics` (Prometheus text format).
+
+Request and refusal counters are kept in memory shared by every worker of one server:
+the array is created before gunicorn forks its workers (`preload_app`), so one scrape
+sees the whole server whichever worker answers it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app
+from sqlalchemy import func, select, text
+
+from gpulocker import heartbeat
+from gpulocker.models import Allocation, Gpu, utcnow
+from gpulocker.web import schemas as s
+from gpulocker.web.errors import STATUS
+from gpulocker.web.openapi import endpoint
+from gpulocker.web.session import get_ctx
+
+bp = Blueprint("health", __name__)
+
+AGENT_STALE_SECONDS = 60.0
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+REFUSALS = tuple(sorted(set(STATUS) | {"other"}))
+_COUNTERS = "gpulocker.counters"
+
+
+class Counters:
+    """Per-server counters in shared memory (safe across forked workers and threads)."""
+
+    def __init__(self) -> None:
+        self.names = [f"requests:{c}" for c in STATUS_CLASSES] + [f"refusals:{r}" for r in REFUSALS]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.values = multiprocessing.Array("Q", len(self.names))
+
+    def add(self, name: str) -> None:
+        """Count one of `name`."""
+        with self.values.get_lock():
+            self.values[self.index[name]] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        """Every counter's value now."""
+        with self.values.get_lock():
+            return {name: int(self.values[i]) for i, name in enumerate(self.names)}
+
+
+def install_request_counter(app: Flask) -> None:
+    """Count every answer by status class, and every API refusal by its code."""
+    counters = Counters()
+    app.extensions[_COUNTERS] = counters
+
+    @app.after_request
+    def count(response: Response) -> Response:
+        counters.add(f"requests:{response.status_code // 100}xx")
+        if 400 <= response.status_code < 500 and response.is_json:
+            error = (response.get_json(silent=True) or {}).get("error") or {}
+            code = error.get("code") if isinstance(error, dict) else None
+            counters.add(f"refusals:{code if code in REFUSALS else 'other'}")
+        return response
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/healthz",
+    auth="public",
+    response=s.Health,
+    errors=(503,),
+    summary="Health: database, Redis (if configured), agent heartbeat age",
+)
+def healthz() -> Any:
+    body = health_report()
+    status = 200 if body["status"] != "failing" else 503
+    response = current_app.json.response(body)
+    response.status_code = status
+    return response
+
+
+def health_report() -> dict[str, Any]:
+    """Database and Redis must answer (else failing); a stale agent is only degraded."""
+    ctx = get_ctx()
+    database = _check(lambda: _ping_database())
+    redis = _check(lambda: ctx.redis.ping()) if ctx.redis is not None else None  # type: ignore[union-attr]
+    agents: dict[str, dict[str, Any]] = {}
+    if database["ok"]:
+        with ctx.db.session() as session:
+            for row in heartbeat.agents(session):
+                age = (utcnow() - row.at).total_seconds()
+                agents[row.name.split(":", 1)[1]] = {
+                    "ok": age <= AGENT_STALE_SECONDS,
+                    "age_seconds": round(age, 3),
+                    "detail": None if age <= AGENT_STALE_SECONDS else "no heartbeat lately",
+                }
+    failing = not database["ok"] or (redis is not None and not redis["ok"])
+    degraded = not agents or not all(a["ok"] for a in agents.values())
+    status = "failing" if failing else "degraded" if degraded else "ok"
+    return {"status": status, "database": database, "redis": redis, "agents": agents}
+
+
+def _ping_database() -> None:
+    with get_ctx().db.session() as session:
+        session.execute(text("SELECT 1"))
+
+
+def _check(probe: Any) -> dict[str, Any]:
+    try:
+        probe()
+    except Exception as exc:  # health reports any failure instead of failing itself
+        return {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"ok": True, "detail": None}
+
+
+@endpoint(
+    bp,
+    "GET",
+    "/metrics",
+    auth="public",
+    response=None,
+    media_type="text/plain",
+    summary="Prometheus metrics: GPUs by state, allocations, requests, refusals, agent tick",
+)
+def metrics() -> Response:
+    lines = _gauge_lines() + _counter_lines()
+    body = "\n".join(lines) + "\n"
+    return Response(body, mimetype="text/plain", headers={"Cache-Control": "no-store"})
+
+
+def _gauge_lines() -> list[str]:
+    ctx = get_ctx()
+    lines = ["# HELP gpulocker_gpus Managed GPUs by state.", "# TYPE gpulocker_gpus gauge"]
+    with ctx.db.session() as session:
+        gpus = session.execute(select(Gpu.host, Gpu.gpu_id, Gpu.healthy, Gpu.error)).all()
+        busy = set(
+            session.execute(
+                select(Allocation.host, Allocation.gpu_id).where(Allocation.state == "active")
+            ).all()
+        )
+        by_state = session.execute(
+            select(Allocation.state, func.count()).group_by(Allocation.state)
+        ).all()
+        beats = heartbeat.agents(session)
+    states = {"free": 0, "allocated": 0, "unhealthy": 0}
+    for host, gpu_id, healthy, error in gpus:
+        if error == "not managed":
+            continue
+        key = "unhealthy" if not healthy else "allocated" if (host, gpu_id) in busy else "free"
+        states[key] += 1
+    lines += [f'gpulocker_gpus{{state="{k}"}} {v}' for k, v in states.items()]
+    lines += [
+        "# HELP gpulocker_allocations Allocations by state.",
+        "# TYPE gpulocker_allocations gauge",
+    ]
+    counts = dict.fromkeys(("active", "released", "expired", "revoked"), 0)
+    counts.update({state: int(n) for state, n in by_state})
+    lines += [f'gpulocker_allocations{{state="{k}"}} {v}' for k, v in counts.items()]
+    lines += _agent_lines(beats)
+    return lines
+
+
+def _agent_lines(beats: list[Any]) -> list[str]:
+    lines = [
+        "# HELP gpulocker_agent_tick_seconds Duration of the agent's last tick.",
+        "# TYPE gpulocker_agent_tick_seconds gauge",
+    ]
+    ages = [
+        "# HELP gpulocker_agent_heartbeat_age_seconds Seconds since the agent last beat.",
+        "# TYPE gpulocker_agent_heartbeat_age_seconds gauge",
+    ]
+    now = utcnow()
+    for row in beats:
+        host = _label(row.name.split(":", 1)[1])
+        tick_ms = (row.data or {}).get("tick_ms")
+        if isinstance(tick_ms, int | float):
+            lines.append(f'gpulocker_agent_tick_seconds{{host="{host}"}} {tick_ms / 1000:.6f}')
+        ages.append(
+            f'gpulocker_agent_heartbeat_age_seconds{{host="{host}"}} '
+            f"{(now - row.at).total_seconds():.3f}"
+        )
+    return lines + ages
+
+
+def _counter_lines() -> list[str]:
+    counters: Counters = current_app.extensions[_COUNTERS]
+    values = counters.snapshot()
+    lines = [
+        "# HELP gpulocker_http_requests_total HTTP answers by status class.",
+        "# TYPE gpulocker_http_requests_total counter",
+    ]
+    lines += [
+        f'gpulocker_http_requests_total{{status="{c}"}} {values[f"requests:{c}"]}'
+        for c in STATUS_CLASSES
+    ]
+    lines += [
+        "# HELP gpulocker_refusals_total API refusals by reason.",
+        "# TYPE gpulocker_refusals_total counter",
+    ]
+    lines += [
+        f'gpulocker_refusals_total{{reason="{r}"}} {values[f"refusals:{r}"]}' for r in REFUSALS
+    ]
+    return lines
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value, escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

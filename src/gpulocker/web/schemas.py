@@ -1,0 +1,318 @@
+"""The shapes of the JSON API: what each endpoint accepts and returns.
+
+The endpoints validate their input with these models, and `gpulocker.web.openapi`
+builds the OpenAPI document from the same models, so the description cannot drift from
+the code. Request bodies are strict (a string is not a number, unknown keys are
+refused); query strings are parsed leniently since every value arrives as text.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ID = 2**31 - 1
+UserName = Annotated[
+    str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*\$?$")
+]
+GpuType = Annotated[str, Field(min_length=1, max_length=64)]
+Hours = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+Timestamp = Annotated[str, Field(description="ISO 8601, UTC")]
+State = Literal["active", "released", "expired", "revoked"]
+
+
+class Body(BaseModel):
+    """A request body: strict types, no unknown keys."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class Query(BaseModel):
+    """Query-string parameters: text converted to the declared types, unknown keys ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Out(BaseModel):
+    """A response; documented, and checked against the real answers by the tests."""
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+class ErrorDetail(Out):
+    model_config = ConfigDict(extra="allow")
+    code: str = Field(description="stable machine-readable reason, e.g. not_enough_gpus")
+    message: str = Field(description="for people")
+
+
+class ErrorResponse(Out):
+    error: ErrorDetail
+
+
+# --- sign-in and tokens -----------------------------------------------------------------
+
+
+class TokenRequest(Body):
+    username: str = Field(min_length=1, max_length=255)
+    password: str = Field(min_length=1, max_length=4096)
+    name: str = Field(default="", max_length=255, description="a label for the token")
+
+
+class TokenCreated(Out):
+    token: str = Field(description="send as `Authorization: Bearer <token>`; shown only once")
+    id: int
+    username: str
+
+
+class TokenInfo(Out):
+    id: int
+    name: str
+    created_at: Timestamp
+    expires_at: Timestamp | None
+    last_used_at: Timestamp | None
+
+
+class TokenList(Out):
+    tokens: list[TokenInfo]
+
+
+class Me(Out):
+    username: str
+    is_admin: bool
+    locked_until: Timestamp | None
+
+
+# --- GPUs -------------------------------------------------------------------------------
+
+
+class GpuProcessOut(Out):
+    pid: int | None
+    user: str | None
+    memory_mib: float | None
+    name: str
+
+
+class GpuStatusRow(Out):
+    host: str
+    gpu_id: int
+    gpu_type: str
+    name: str
+    device: str
+    healthy: bool
+    error: str | None
+    mig: bool
+    sampled_at: Timestamp | None
+    utilization: float | None
+    memory_used_mib: float | None
+    memory_total_mib: float | None
+    temperature_c: float | None
+    power_w: float | None
+    holder: str | None = Field(description="null for anonymous callers")
+    allocation_id: int | None
+    expires_at: Timestamp | None
+    processes: list[GpuProcessOut] = Field(description="empty for anonymous callers")
+
+
+class GpuStatus(Out):
+    at: Timestamp
+    maintenance: bool
+    gpus: list[GpuStatusRow]
+
+
+class HistoryQuery(Query):
+    hours: float = Field(default=24.0, gt=0, le=24 * 366, allow_inf_nan=False)
+    host: str | None = Field(default=None, max_length=255)
+
+
+class HistoryPoint(Out):
+    at: Timestamp
+    utilization: float
+    memory_used_mib: float
+
+
+class History(Out):
+    host: str
+    gpu_id: int
+    hours: float
+    points: list[HistoryPoint]
+
+
+# --- allocations ------------------------------------------------------------------------
+
+
+class AllocationRequest(Body):
+    gpu_type: GpuType
+    count: int | None = Field(default=None, ge=1, le=1024, description="omit with gpu_ids")
+    hours: Hours
+    gpu_ids: list[Annotated[int, Field(ge=0, le=MAX_ID)]] | None = Field(
+        default=None, max_length=1024
+    )
+    user: UserName | None = Field(default=None, description="admins: allocate for this user")
+
+
+class ExtendRequest(Body):
+    hours: Hours
+
+
+class AllocationQuery(Query):
+    all: bool = Field(default=False, description="admins: every user's")
+    state: State | None = Field(default=None, description="default: active")
+
+
+class AllocationOut(Out):
+    id: int
+    user: str
+    host: str
+    gpu_id: int
+    gpu_type: str
+    device: str
+    state: State
+    created_at: Timestamp
+    expires_at: Timestamp
+    released_at: Timestamp | None
+    release_reason: str | None
+    access_applied_at: Timestamp | None
+
+
+class AllocationList(Out):
+    allocations: list[AllocationOut]
+
+
+class AllocationGranted(Out):
+    allocations: list[AllocationOut]
+    cuda_visible_devices: str = Field(description="value for CUDA_VISIBLE_DEVICES")
+    access: Literal["applied", "pending"] = Field(
+        description="applied: the device files already let you in"
+    )
+    agent: Literal["running", "not running"]
+
+
+class AllocationOne(Out):
+    allocation: AllocationOut
+
+
+# --- events and notifications -----------------------------------------------------------
+
+
+class EventQuery(Query):
+    user: UserName | None = Field(default=None, description="admins only; others see their own")
+    kind: str | None = Field(default=None, max_length=64)
+    gpu_id: int | None = Field(default=None, ge=0, le=MAX_ID)
+    host: str | None = Field(default=None, max_length=255)
+    before_id: int | None = Field(default=None, ge=1, le=2**62, description="paging")
+    limit: int = Field(default=50, ge=1, le=500)
+
+
+class EventOut(Out):
+    id: int
+    at: Timestamp
+    kind: str
+    actor: str
+    user: str | None
+    host: str | None
+    gpu_id: int | None
+    allocation_id: int | None
+    message: str
+    data: dict[str, Any]
+
+
+class EventList(Out):
+    events: list[EventOut]
+    next_before_id: int | None = Field(description="pass as before_id for the next page")
+
+
+class NotificationQuery(Query):
+    unread: bool = Field(default=False, description="only unread ones")
+    limit: int = Field(default=100, ge=1, le=500)
+
+
+class NotificationOut(Out):
+    id: int
+    kind: str
+    message: str
+    created_at: Timestamp
+    read_at: Timestamp | None
+
+
+class NotificationList(Out):
+    notifications: list[NotificationOut]
+    unread: int
+
+
+class NotificationOne(Out):
+    notification: NotificationOut
+
+
+# --- disk -------------------------------------------------------------------------------
+
+
+class DiskQuery(Query):
+    all: bool = Field(default=False, description="admins: every user's")
+
+
+class DiskUsageOut(Out):
+    model_config = ConfigDict(extra="allow")
+    user: str
+
+
+class DiskReport(Out):
+    usage: DiskUsageOut | None = Field(description="yours (null with all=1)")
+    users: list[DiskUsageOut] | None = Field(description="every user's (admins, all=1)")
+
+
+# --- admin ------------------------------------------------------------------------------
+
+
+class MaintenanceRequest(Body):
+    enabled: bool
+    message: str = Field(default="", max_length=1000)
+
+
+class MaintenanceState(Out):
+    enabled: bool
+    message: str
+
+
+class NotifyRequest(Body):
+    user: UserName
+    message: str = Field(min_length=1, max_length=4000)
+
+
+class LockoutOut(Out):
+    id: int
+    user: str
+    created_at: Timestamp
+    until: Timestamp
+    reason: str
+    lifted_at: Timestamp | None
+
+
+class LockoutList(Out):
+    lockouts: list[LockoutOut]
+
+
+class Count(Out):
+    count: int
+
+
+class Ok(Out):
+    ok: Literal[True]
+
+
+# --- operations -------------------------------------------------------------------------
+
+
+class HealthCheck(Out):
+    ok: bool
+    detail: str | None = None
+    age_seconds: float | None = None
+
+
+class Health(Out):
+    status: Literal["ok", "degraded", "failing"]
+    database: HealthCheck
+    redis: HealthCheck | None
+    agents: dict[str, HealthCheck]
