@@ -487,7 +487,8 @@ def heartbeat_step(agent: Agent) -> bool:
 
 def default_steps() -> list[Step]:
     """The agent's steps, in the order each tick runs them."""
-    from gpulocker import violations
+    from gpulocker import disk, monitor, policies, violations
+    from gpulocker.notify import outbox, telegram
 
     return [
         Step("sample", sample_step, lambda s: s.gpus_status_refresh_rate_seconds),
@@ -495,6 +496,11 @@ def default_steps() -> list[Step]:
         Step("reap", reap_step, lambda s: POLL_SECONDS),
         Step("violations", violations.check, lambda s: s.gpus_status_refresh_rate_seconds),
         Step("heartbeat", heartbeat_step, lambda s: HEARTBEAT_SECONDS),
+        Step("history", monitor.history_step, monitor.history_every),
+        Step("policies", policies.policies_step, policies.policies_every),
+        Step("outbox", outbox.outbox_step, outbox.outbox_every),
+        Step("telegram", telegram.updates_step, telegram.updates_every),
+        Step("disk", disk.disk_step, disk.disk_every),
     ]
 
 

@@ -1,0 +1,268 @@
+"""Disk usage (SPEC section 9): each user's home size and its filesystem's totals.
+
+Measuring a home can take minutes, so it never happens in a request: `usage_for` and
+`usage_all` return what was last measured (cached DISK_CACHE_TIMEOUT_SECONDS) and, when
+that is missing or stale, mark the user for a scan. The agent's `disk` step runs the
+scans in a background thread, one user after another, and writes the bytes counted so
+far while it goes, so a page can show progress (`status` "scanning", `scanned_bytes`).
+A scan claims its row with a conditional UPDATE, so two agents never measure the same
+home at once; a scan whose process died is taken over after STUCK_SECONDS.
+
+Sizes count allocated blocks (like `du -x`): hard links once, symbolic links not
+followed, other filesystems mounted inside a home not entered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import stat
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+
+from gpulocker.background import worker_for
+from gpulocker.config import Settings
+from gpulocker.context import Context
+from gpulocker.db import Database
+from gpulocker.models import DiskUsage, utcnow
+from gpulocker.monitor import AgentView
+
+log = logging.getLogger(__name__)
+
+PENDING, SCANNING, DONE, ERROR = "pending", "scanning", "done", "error"
+PROGRESS_SECONDS = 1.0
+STUCK_SECONDS = 3600.0
+FIRST_UID, LAST_UID = 1000, 65533  # regular accounts (not system users, not nobody)
+
+
+def home_of(user: str) -> str | None:
+    """The home directory of `user`, or None when there is no such account."""
+    try:
+        return pwd.getpwnam(user).pw_dir
+    except KeyError:
+        return None
+
+
+def local_users() -> list[str]:
+    """Every regular account with a home directory on this host (what admins see)."""
+    return sorted(
+        p.pw_name
+        for p in pwd.getpwall()
+        if FIRST_UID <= p.pw_uid <= LAST_UID and os.path.isdir(p.pw_dir)
+    )
+
+
+def is_stale(settings: Settings, row: DiskUsage, now: datetime) -> bool:
+    """True when the row was never measured or is older than DISK_CACHE_TIMEOUT_SECONDS."""
+    if row.measured_at is None:
+        return True
+    return now - row.measured_at >= timedelta(seconds=settings.disk_cache_timeout_seconds)
+
+
+def to_dict(settings: Settings, row: DiskUsage, now: datetime) -> dict[str, Any]:
+    """The public shape: sizes in bytes, status, progress, and when it was measured."""
+    return {
+        "user": row.user,
+        "home": row.home,
+        "used_bytes": row.used_bytes,
+        "scanned_bytes": row.scanned_bytes,
+        "fs_total_bytes": row.fs_total_bytes,
+        "fs_used_bytes": row.fs_used_bytes,
+        "fs_free_bytes": row.fs_free_bytes,
+        "status": row.status,
+        "error": row.error,
+        "measured_at": row.measured_at.isoformat() if row.measured_at else None,
+        "stale": is_stale(settings, row, now),
+    }
+
+
+def _request(session: Any, settings: Settings, user: str, home: str, now: datetime) -> DiskUsage:
+    """The user's row, marked for a scan when it has none or it is stale (no scan here)."""
+    row = session.get(DiskUsage, user)
+    if row is None:
+        row = DiskUsage(user=user, home=home, status=PENDING, scanned_bytes=0)
+        session.add(row)
+    elif row.status in (DONE, ERROR) and is_stale(settings, row, now):
+        row.status, row.home = PENDING, home
+    return row
+
+
+def usage_for(ctx: Context, user: str) -> dict[str, Any]:
+    """`user`'s last measurement (at once, never measuring); asks for a scan when stale."""
+    now = utcnow()
+    home = home_of(user)
+    if home is None:
+        return {"user": user, "home": None, "status": ERROR, "error": "no such user on this host"}
+    with ctx.db.session() as session:
+        row = session.get(DiskUsage, user)
+        if row is not None and not (
+            row.status in (DONE, ERROR) and is_stale(ctx.settings, row, now)
+        ):
+            return to_dict(ctx.settings, row, now)
+    with ctx.db.transaction() as session:
+        return to_dict(ctx.settings, _request(session, ctx.settings, user, home, now), now)
+
+
+def usage_all(ctx: Context) -> list[dict[str, Any]]:
+    """Every local user's usage, largest first (unmeasured last); asks for stale scans."""
+    now = utcnow()
+    with ctx.db.transaction() as session:
+        rows = [_request(session, ctx.settings, u, home_of(u) or "", now) for u in local_users()]
+        result = [to_dict(ctx.settings, r, now) for r in rows]
+    return sorted(
+        result, key=lambda d: (d["used_bytes"] is None, -(d["used_bytes"] or 0), d["user"])
+    )
+
+
+# --- measuring
+
+
+def measure(root: str, progress: Callable[[int], None] | None = None) -> int:
+    """Bytes allocated under `root` (like `du -sx`), calling `progress(bytes so far)` about
+    every PROGRESS_SECONDS. Unreadable directories are skipped, not fatal."""
+    top = os.lstat(root)
+    device = top.st_dev
+    total = top.st_blocks * 512
+    seen: set[tuple[int, int]] = set()
+    stack = [root] if stat.S_ISDIR(top.st_mode) else []
+    next_report = time.monotonic() + PROGRESS_SECONDS
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
+                        key = (info.st_dev, info.st_ino)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                    total += info.st_blocks * 512
+                    if stat.S_ISDIR(info.st_mode) and info.st_dev == device:
+                        stack.append(entry.path)
+        except OSError as exc:
+            log.debug("disk scan skips %s: %s", directory, exc)
+        if progress is not None and time.monotonic() >= next_report:
+            progress(total)
+            next_report = time.monotonic() + PROGRESS_SECONDS
+    return total
+
+
+def filesystem(path: str) -> tuple[int, int, int]:
+    """(total, used, free-for-users) bytes of the filesystem holding `path`."""
+    fs = os.statvfs(path)
+    return (
+        fs.f_blocks * fs.f_frsize,
+        (fs.f_blocks - fs.f_bfree) * fs.f_frsize,
+        fs.f_bavail * fs.f_frsize,
+    )
+
+
+def claim_next(db: Database, now: datetime | None = None) -> DiskUsage | None:
+    """Take the oldest requested scan (or one whose scanner died); None when there is none."""
+    now = now or utcnow()
+    stuck = now - timedelta(seconds=STUCK_SECONDS)
+    wanted = or_(
+        DiskUsage.status == PENDING,
+        and_(DiskUsage.status == SCANNING, DiskUsage.started_at < stuck),
+    )
+    with db.session() as session:
+        candidates = list(session.scalars(select(DiskUsage).where(wanted).order_by(DiskUsage.user)))
+    for row in candidates:
+        with db.transaction() as session:
+            result = session.execute(
+                update(DiskUsage)
+                .where(DiskUsage.user == row.user, DiskUsage.status == row.status, wanted)
+                .values(status=SCANNING, started_at=now, scanned_bytes=0, error=None)
+                .execution_options(synchronize_session=False)
+            )
+        if result.rowcount:  # type: ignore[attr-defined]
+            row.status, row.started_at, row.scanned_bytes = SCANNING, now, 0
+            return row
+    return None
+
+
+def scan(db: Database, user: str, home: str) -> DiskUsage:
+    """Measure one claimed user's home, writing progress, then the result."""
+
+    def write(**values: Any) -> None:
+        with db.transaction() as session:
+            session.execute(
+                update(DiskUsage)
+                .where(DiskUsage.user == user, DiskUsage.status == SCANNING)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+
+    try:
+        if not home or not os.path.isdir(home):
+            raise FileNotFoundError(f"home directory {home or '(none)'} does not exist")
+        used = measure(home, progress=lambda done: write(scanned_bytes=done))
+        fs_total, fs_used, fs_free = filesystem(home)
+    except OSError as exc:
+        write(status=ERROR, error=str(exc), measured_at=utcnow())
+    else:
+        write(
+            status=DONE,
+            used_bytes=used,
+            scanned_bytes=used,
+            fs_total_bytes=fs_total,
+            fs_used_bytes=fs_used,
+            fs_free_bytes=fs_free,
+            measured_at=utcnow(),
+        )
+    with db.session() as session:
+        result = session.get(DiskUsage, user)
+    assert result is not None
+    return result
+
+
+def scan_pending(ctx: Context) -> int:
+    """Measure every requested home, one after another. Returns how many were measured."""
+    done = 0
+    while (row := claim_next(ctx.db)) is not None:
+        home = home_of(row.user) or row.home
+        scan(ctx.db, row.user, home)
+        done += 1
+    return done
+
+
+def _scan_quietly(ctx: Context) -> None:
+    try:
+        scan_pending(ctx)
+    except Exception:  # the next step starts another pass
+        log.exception("disk usage scan failed")
+
+
+def has_pending(db: Database) -> bool:
+    """Whether a scan is requested (cheap check before starting a thread)."""
+    stuck = utcnow() - timedelta(seconds=STUCK_SECONDS)
+    with db.session() as session:
+        stmt = select(DiskUsage.user).where(
+            or_(
+                DiskUsage.status == PENDING,
+                and_(DiskUsage.status == SCANNING, DiskUsage.started_at < stuck),
+            )
+        )
+        return session.scalar(stmt.limit(1)) is not None
+
+
+def disk_step(agent: AgentView) -> bool:
+    """Agent step: start measuring requested homes in the background."""
+    worker = worker_for(agent, "disk")
+    if worker.busy or not has_pending(agent.ctx.db):
+        return False
+    return worker.start(_scan_quietly, agent.ctx)
+
+
+def disk_every(settings: Settings) -> float:
+    """Requests are looked for every few seconds."""
+    return 3.0
