@@ -117,5 +117,45 @@ def agent_command(simulate: str | None) -> None:
         ctx.close()
 
 
+@main.command("serve")
+@click.option("--simulate", default=None, help='simulated GPUs, e.g. \'{"4090": 4}\'')
+@click.option("--host", default=None, help="address to listen on (default HOST)")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="port (default PORT)")
+@handle_errors
+def serve_command(simulate: str | None, host: str | None, port: int | None) -> None:
+    """Web server and agent in one command (SQLite, no other service needed)."""
+    from gpulocker import server
+    from gpulocker.context import configure_logging
+
+    settings = _with_address(settings_from_env(simulate), host, port)
+    configure_logging(settings)
+    server.serve(settings, simulate)
+
+
+@main.command("web")
+@click.option("--host", default=None, help="address to listen on (default HOST)")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="port (default PORT)")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="worker processes")
+@handle_errors
+def web_command(host: str | None, port: int | None, workers: int | None) -> None:
+    """The web server and API only, under gunicorn (agents run on the GPU hosts)."""
+    from gpulocker import server
+    from gpulocker.context import configure_logging
+
+    settings = _with_address(settings_from_env(), host, port)
+    configure_logging(settings)
+    server.web(settings, workers)
+
+
+def _with_address(settings: Settings, host: str | None, port: int | None) -> Settings:
+    """--host/--port over HOST/PORT."""
+    changes: dict[str, Any] = {}
+    if host:
+        changes["host"] = host
+    if port:
+        changes["port"] = port
+    return settings.with_overrides(**changes) if changes else settings
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
