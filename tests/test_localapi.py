@@ -23,7 +23,7 @@ from gpulocker import allocations, heartbeat, localapi
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.models import ACTIVE, RELEASED, Allocation, Event, utcnow
-from tests.helpers import ADMIN, ALICE, BOB, CAROL, TestUser
+from tests.helpers import ADMIN, ALICE, BOB, CAROL, EACCES, TestUser, try_open_as, wait_for
 
 # A client that sends one request line and prints the answer line: runs as any user.
 CLIENT = (
@@ -288,3 +288,28 @@ def test_close_ends_open_connections(ctx: Context, socket_path: Path) -> None:
         srv.close()
         assert reader.readline() == b""
     assert not os.path.exists(socket_path)
+
+
+def test_the_agent_serves_the_socket_and_a_grant_waits_for_access(
+    ctx: Context, settings: Settings, users: dict[str, TestUser]
+) -> None:
+    from gpulocker.agent import start_in_thread
+
+    path = settings.local_socket_path
+    _agent, stop, thread = start_in_thread(ctx)
+    try:
+        wait_for(path.is_socket, timeout=10)
+        wait_for(lambda: call_as(users[ALICE], path, "me").get("result"), timeout=10)
+        with ctx.db.transaction() as s:  # the first heartbeat may not have been written yet
+            heartbeat.beat(s, heartbeat.agent_name(settings.gpu_host))
+        answer = call_as(
+            users[ALICE], path, "allocations.request", gpu_type="4090", count=1, hours=1
+        )["result"]
+        assert answer["access_applied"] is True
+        device = answer["allocations"][0]["device"]
+        assert try_open_as(users[ALICE], device) == 0
+        assert try_open_as(users[BOB], device) == EACCES
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not path.exists()  # the socket goes with the agent

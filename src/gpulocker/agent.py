@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from gpulocker import access, allocations, events, heartbeat, inventory, live, procfs
+from gpulocker import access, allocations, events, heartbeat, inventory, live, localapi, procfs
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.gpus import GpuBackend, GpuSample, make_backend
@@ -511,7 +511,13 @@ def start_in_thread(ctx: Context) -> tuple[Agent, threading.Event, threading.Thr
     """Run an agent in a daemon thread (for `gpulocker serve`); set the event to stop it."""
     agent = Agent(ctx)
     stop = threading.Event()
-    thread = threading.Thread(target=agent.run, args=(stop,), name="gpulocker-agent", daemon=True)
+    # The local socket (terminal commands) is served while the agent runs.
+    thread = threading.Thread(
+        target=localapi.serve_while,
+        args=(ctx, lambda: agent.run(stop)),
+        name="gpulocker-agent",
+        daemon=True,
+    )
     thread.start()
     return agent, stop, thread
 
@@ -526,4 +532,5 @@ def serve_forever(ctx: Context) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    Agent(ctx).run(stop)
+    agent = Agent(ctx)
+    localapi.serve_while(ctx, lambda: agent.run(stop))  # the local socket, while the agent runs
