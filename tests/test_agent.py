@@ -114,7 +114,9 @@ def test_it_undoes_drift_within_reconcile_seconds(
     assert time.monotonic() - began <= settings.reconcile_seconds + POLL_SECONDS + 0.2
     assert try_open_as(bob, path) == EACCES
     assert try_open_as(alice, path) == 0
-    (drift,) = wait_for(lambda: kinds(db, "drift"))  # type: ignore[misc]
+    wait_for(lambda: kinds(db, "drift"))
+    (drift,) = kinds(db, "drift")
+    assert drift.data is not None
     assert drift.gpu_id == 0
     assert "other::rw- -> ---" in drift.data["changes"]
     assert f"removed user:{bob.name}:rw-" in drift.data["changes"]
@@ -130,7 +132,9 @@ def test_it_restores_a_recreated_file_and_its_holder(
     ensure_device_file(Path(path))  # the driver re-creates it 0666, ACL gone
     wait_for(lambda: access.compliant(access.read(path), [alice.uid]), timeout=5)
     assert try_open_as(users[CAROL], path) == EACCES
-    (drift,) = wait_for(lambda: kinds(db, "drift"))  # type: ignore[misc]
+    wait_for(lambda: kinds(db, "drift"))
+    (drift,) = kinds(db, "drift")
+    assert drift.data is not None
     assert "mode 0666" in drift.data["changes"]
     assert f"restored missing user:{ALICE}:rw-" in drift.data["changes"]
 
@@ -244,10 +248,12 @@ def test_a_failing_step_does_not_stop_the_others(ctx: Context) -> None:
         raise RuntimeError("one bad row")
 
     ran: list[str] = []
-    steps = [
-        Step("broken", broken, lambda s: 1.0),
-        Step("fine", lambda agent: ran.append("fine") or True, lambda s: 1.0),
-    ]
+
+    def fine(agent: Agent) -> bool:
+        ran.append("fine")
+        return True
+
+    steps = [Step("broken", broken, lambda s: 1.0), Step("fine", fine, lambda s: 1.0)]
     agent = Agent(ctx, steps=steps)
     assert agent.tick() == {"broken": False, "fine": True}
     assert agent.tick() == {}  # neither is due again yet
