@@ -1,0 +1,336 @@
+"""The HTML pages a user sees: sign-in, dashboard, schedule, disk, inbox and settings.
+
+Thin views: parse the form, call the core, and show the core's own refusal next to the
+field it is about. Every POST is checked for the session's CSRF token before the view
+runs. The admin pages live in `admin_pages` (a blueprint nested in this one).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from typing import Any
+
+from flask import (
+    Blueprint,
+    flash,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from markupsafe import Markup
+from werkzeug.wrappers import Response as BaseResponse
+
+from gpulocker import allocations, auth, gpustatus, inbox, inventory, lockouts, maintenance
+from gpulocker.errors import GPULockerError
+from gpulocker.models import Setting, utcnow
+from gpulocker.notify import telegram
+from gpulocker.web import admin_pages, formatting
+from gpulocker.web.errors import status_for
+from gpulocker.web.forms import Page, RequestForm, me, safe_next
+from gpulocker.web.session import (
+    CSRF_FIELD,
+    check_csrf,
+    client_address,
+    csrf_token,
+    current_user,
+    get_ctx,
+    login_required,
+    login_user,
+    logout_user,
+)
+
+bp = Blueprint("pages", __name__)
+bp.register_blueprint(admin_pages.bp)
+formatting.register(bp)
+
+INBOX_PAGE = 50
+
+
+@bp.before_request
+def _require_csrf() -> None:
+    """Every form posted to a page must carry the session's CSRF token."""
+    check_csrf()
+
+
+@bp.errorhandler(GPULockerError)
+def _refused(exc: GPULockerError) -> tuple[str, int]:
+    """A refusal that reached no form (CSRF, admin only, unknown id) as an HTML page."""
+    return render_template("error.html", message=exc.message), status_for(exc)
+
+
+@bp.context_processor
+def _page_context() -> dict[str, Any]:
+    """What the layout needs on every page: who is signed in, unread count, maintenance."""
+    ctx = get_ctx()
+    me = current_user()
+    unread = 0
+    with ctx.db.session() as session:
+        row = session.get(Setting, maintenance.KEY)
+        on = bool(row and row.value.get("enabled"))
+        message = str(row.value.get("message") or "") if row and on else ""
+        if me:
+            unread = inbox.unread_count(session, me)
+    return {
+        "me": me,
+        "is_admin": bool(me and ctx.settings.is_admin(me)),
+        "unread_count": unread,
+        "in_maintenance": on,
+        "maintenance_message": message,
+        "host_name": ctx.settings.gpu_host or socket.gethostname(),
+        "refresh_seconds": ctx.settings.gpus_status_refresh_rate_seconds,
+        "csrf_field": csrf_field,
+    }
+
+
+def csrf_field() -> Markup:
+    """The hidden input every form carries."""
+    return Markup('<input type="hidden" name="{}" value="{}">').format(CSRF_FIELD, csrf_token())
+
+
+# --- sign-in -------------------------------------------------------------------------
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Page:
+    """The sign-in form; PAM checks the password (see gpulocker.auth)."""
+    next_url = safe_next(request.args.get("next"), url_for("pages.dashboard"))
+    if current_user() is not None and request.method == "GET":
+        return redirect(next_url)
+    if request.method == "GET":
+        return render_template("login.html", errors={}, username="", next_url=next_url)
+    username = request.form.get("username", "").strip()
+    password = request.form.get("password", "")
+    errors: dict[str, str] = {}
+    if not username:
+        errors["username"] = "Enter your Linux user name."
+    if not password:
+        errors["password"] = "Enter your password."  # noqa: S105 (a message, not a secret)
+    if errors:
+        return _login_page(username, next_url, errors, 422)
+    try:
+        user = auth.authenticate(get_ctx(), username, password, client_address())
+    except auth.Throttled as exc:
+        minutes = max(1, math.ceil(exc.retry_after / 60))
+        message = f"Too many failed sign-ins. Try again in about {minutes} min."
+        return _login_page(username, next_url, {"_form": message}, 429)
+    except auth.BadCredentials:
+        message = "Wrong user name or password."
+        return _login_page(username, next_url, {"_form": message}, 401)
+    login_user(user)
+    return redirect(next_url)
+
+
+def _login_page(username: str, next_url: str, errors: dict[str, str], status: int) -> Page:
+    html = render_template("login.html", errors=errors, username=username, next_url=next_url)
+    return html, status
+
+
+@bp.post("/logout")
+def logout() -> BaseResponse:
+    """End the session for real (the server-side token is revoked)."""
+    logout_user()
+    flash("You are signed out.", "success")
+    return redirect(url_for("pages.login"))
+
+
+# --- dashboard and allocation forms ---------------------------------------------------
+
+
+@bp.get("/")
+@login_required
+def dashboard() -> Page:
+    """My GPUs, the line to paste, the request form."""
+    return _dashboard(RequestForm())
+
+
+def _dashboard(form: RequestForm, status: int = 200, errors: dict[str, str] | None = None) -> Page:
+    ctx = get_ctx()
+    user = me()
+    with ctx.db.session() as session:
+        mine = sorted(allocations.list_for(session, ctx.settings, user), key=lambda a: a.gpu_id)
+        types = inventory.type_counts(session)
+        lockout = lockouts.active(session, user)
+    if not form.gpu_type and types:
+        form.gpu_type = max(types, key=lambda t: (types[t]["free"], t))
+    html = render_template(
+        "dashboard.html",
+        mine=mine,
+        cuda=allocations.cuda_visible_devices(mine),
+        multi_host=len({a.host for a in mine}) > 1,
+        types=types,
+        lockout=lockout,
+        form=form,
+        errors={**form.errors, **(errors or {})},
+        max_hours=ctx.settings.max_allocation_hours,
+    )
+    return html, status
+
+
+@bp.post("/allocations")
+@login_required
+def request_gpus() -> Page:
+    """Take GPUs; a refusal is shown next to its field, with the form as typed."""
+    ctx = get_ctx()
+    form = RequestForm.from_request()
+    parsed = form.parsed()
+    if parsed is None:
+        return _dashboard(form, 422)
+    count, hours = parsed
+    try:
+        rows = allocations.request(ctx.db, ctx.settings, me(), form.gpu_type, count, hours)
+    except GPULockerError as exc:
+        form.refused(exc)
+        return _dashboard(form, status_for(exc))
+    ids = ", ".join(str(r.gpu_id) for r in rows)
+    flash(
+        f"You have GPU {ids} ({rows[0].gpu_type}) until {rows[0].expires_at:%Y-%m-%d %H:%M} UTC.",
+        "success",
+    )
+    return redirect(url_for("pages.dashboard"))
+
+
+@bp.post("/allocations/<int:allocation_id>/release")
+@login_required
+def release(allocation_id: int) -> BaseResponse:
+    """Give a GPU back now."""
+    ctx = get_ctx()
+    try:
+        row = allocations.release(ctx.db, ctx.settings, me(), allocation_id)
+    except GPULockerError as exc:
+        flash(exc.message, "error")
+    else:
+        flash(f"Released GPU {row.gpu_id} ({row.gpu_type}).", "success")
+    return redirect(safe_next(request.form.get("next"), url_for("pages.dashboard")))
+
+
+@bp.post("/allocations/release-all")
+@login_required
+def release_all() -> BaseResponse:
+    """Give every GPU I hold back."""
+    ctx = get_ctx()
+    ended = allocations.release_all(ctx.db, ctx.settings, me())
+    flash(f"Released {ended} GPU(s).", "success")
+    return redirect(url_for("pages.dashboard"))
+
+
+@bp.post("/allocations/<int:allocation_id>/extend")
+@login_required
+def extend(allocation_id: int) -> Page:
+    """Keep a GPU longer; a refusal shows next to that allocation's hours field."""
+    ctx = get_ctx()
+    key = f"extend-{allocation_id}"
+    try:
+        hours = float(request.form.get("hours", ""))
+    except ValueError:
+        return _dashboard(RequestForm(), 422, {key: "Enter a number of hours."})
+    try:
+        row = allocations.extend(ctx.db, ctx.settings, me(), allocation_id, hours)
+    except GPULockerError as exc:
+        return _dashboard(RequestForm(), status_for(exc), {key: exc.message})
+    flash(f"GPU {row.gpu_id} is yours until {row.expires_at:%Y-%m-%d %H:%M} UTC.", "success")
+    return redirect(url_for("pages.dashboard"))
+
+
+# --- schedule ---------------------------------------------------------------------------
+
+
+@bp.get("/schedule")
+@login_required
+def schedule() -> Page:
+    """Every GPU, live; schedule.js refreshes it from /api/gpu_status without a reload."""
+    snapshot = gpustatus.snapshot(get_ctx())
+    gpus = snapshot["gpus"]
+    return render_template(
+        "schedule.html",
+        gpus=gpus,
+        multi_host=len({g["host"] for g in gpus}) > 1,
+        snapshot_time=utcnow().strftime("%H:%M:%S UTC"),
+    )
+
+
+# --- disk -------------------------------------------------------------------------------
+
+
+@bp.get("/disk")
+@login_required
+def disk() -> Page:
+    """My home directory's size against its filesystem (measured off the request path)."""
+    from gpulocker import disk as disk_usage
+
+    return render_template("disk.html", usage=disk_usage.usage_for(get_ctx(), me()))
+
+
+# --- notifications ------------------------------------------------------------------------
+
+
+@bp.get("/notifications")
+@login_required
+def notifications() -> Page:
+    """My inbox, newest first, a page at a time."""
+    before = request.args.get("before", type=int)
+    with get_ctx().db.session() as session:
+        items = inbox.list_for(session, me(), limit=INBOX_PAGE + 1, before_id=before)
+    older = items[INBOX_PAGE - 1].id if len(items) > INBOX_PAGE else None
+    return render_template("notifications.html", items=items[:INBOX_PAGE], older_than=older)
+
+
+@bp.post("/notifications/<int:notification_id>/read")
+@login_required
+def read_one(notification_id: int) -> BaseResponse:
+    """Mark one of my notifications read."""
+    inbox.mark_read(get_ctx().db, me(), notification_id)
+    return redirect(url_for("pages.notifications"))
+
+
+@bp.post("/notifications/read-all")
+@login_required
+def read_all() -> BaseResponse:
+    """Mark all my notifications read."""
+    marked = inbox.mark_all_read(get_ctx().db, me())
+    flash(f"{marked} notification(s) marked read.", "success")
+    return redirect(url_for("pages.notifications"))
+
+
+# --- settings: Telegram -------------------------------------------------------------------
+
+
+@bp.get("/settings")
+@login_required
+def settings_page() -> Page:
+    """Where my notifications go: link or unlink my own Telegram chat."""
+    ctx = get_ctx()
+    status = telegram.link_status(ctx.db, me())
+    instructions = telegram.link_instructions(status["code"]) if status["code"] else ""
+    return render_template(
+        "settings.html",
+        telegram_configured=bool(ctx.settings.telegram_bot_token),
+        telegram=status,
+        linked_at=formatting.as_datetime(status["linked_at"]),
+        instructions=instructions,
+    )
+
+
+@bp.post("/settings/telegram/link")
+@login_required
+def telegram_link() -> BaseResponse:
+    """A fresh one-time code to send to the bot."""
+    ctx = get_ctx()
+    if not ctx.settings.telegram_bot_token:
+        flash("Telegram is not set up on this server.", "error")
+    else:
+        telegram.start_link(ctx.db, me())
+        flash("Send the code below to the bot; this page shows the chat once it is linked.", "info")
+    return redirect(url_for("pages.settings_page"))
+
+
+@bp.post("/settings/telegram/unlink")
+@login_required
+def telegram_unlink() -> BaseResponse:
+    """Stop sending my notifications to Telegram."""
+    if telegram.unlink(get_ctx().db, me()):
+        flash("Telegram unlinked: notifications now stay in the app.", "success")
+    else:
+        flash("No Telegram chat was linked.", "info")
+    return redirect(url_for("pages.settings_page"))

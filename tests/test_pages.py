@@ -1,0 +1,385 @@
+"""The HTML pages through Flask's test client: real PAM sign-in, real databases, CSRF,
+escaping, the forms' refusals next to their fields, and the admin pages."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select
+
+from gpulocker import allocations, auth, lockouts, maintenance
+from gpulocker.context import Context
+from gpulocker.models import ACTIVE, Allocation, Event, Notification
+from gpulocker.notify import notify
+from gpulocker.web import create_app
+from tests.helpers import ADMIN, ALICE, BOB, TestUser
+
+pytestmark = pytest.mark.root
+
+SCRIPT = "<script>alert('x')</script>"
+ESCAPED = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"
+
+
+@pytest.fixture
+def app(ctx: Context, pam_service: str, users: dict[str, TestUser]) -> Iterator[Flask]:
+    """The real app on the test's database, signing in through the test PAM service."""
+    assert ctx.settings.pam_service == pam_service
+    application = create_app(ctx=ctx)
+    application.config["TESTING"] = True
+    yield application
+
+
+def csrf_of(html: str) -> str:
+    """The CSRF token of the first form on a page."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "the page has no CSRF field"
+    return match.group(1)
+
+
+def sign_in(app: Flask, user: TestUser) -> FlaskClient:
+    """A client signed in as `user` through the sign-in form."""
+    client = app.test_client()
+    token = csrf_of(client.get("/login").get_data(as_text=True))
+    response = client.post(
+        "/login",
+        data={"username": user.name, "password": user.password, "csrf_token": token},
+    )
+    assert response.status_code == 302, response.get_data(as_text=True)
+    return client
+
+
+def post(client: FlaskClient, path: str, page: str = "/", **data: str) -> tuple[int, str]:
+    """Post a form the way a browser would: with the token of the page it came from."""
+    token = csrf_of(client.get(page).get_data(as_text=True))
+    response = client.post(path, data={**data, "csrf_token": token})
+    return response.status_code, response.get_data(as_text=True)
+
+
+def active_of(ctx: Context, user: str) -> list[Allocation]:
+    with ctx.db.session() as session:
+        return list(
+            session.scalars(
+                select(Allocation).where(Allocation.user == user, Allocation.state == ACTIVE)
+            )
+        )
+
+
+def test_it_sends_anonymous_visitors_to_sign_in(app: Flask) -> None:
+    response = app.test_client().get("/schedule")
+    assert response.status_code == 302
+    assert response.headers["Location"].startswith("/login?next=/schedule")
+
+
+def test_it_signs_in_and_shows_the_dashboard(app: Flask, users: dict[str, TestUser]) -> None:
+    client = sign_in(app, users[ALICE])
+    html = client.get("/").get_data(as_text=True)
+    assert f"Hello, {ALICE}" in html
+    assert "4090 — 4 of 4 free" in html and "a100 — 2 of 2 free" in html
+    assert "You hold no GPUs right now." in html
+
+
+def test_it_says_when_the_password_is_wrong(app: Flask, users: dict[str, TestUser]) -> None:
+    client = app.test_client()
+    token = csrf_of(client.get("/login").get_data(as_text=True))
+    response = client.post(
+        "/login", data={"username": ALICE, "password": "not-it", "csrf_token": token}
+    )
+    assert response.status_code == 401
+    assert "Wrong user name or password." in response.get_data(as_text=True)
+    assert client.get("/").status_code == 302
+
+
+def test_it_says_when_sign_in_is_throttled(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    attempt = auth.Attempt(BOB, "127.0.0.1")
+    for _ in range(auth.USER_LIMIT):
+        auth.record_failure(ctx, attempt)
+    client = app.test_client()
+    token = csrf_of(client.get("/login").get_data(as_text=True))
+    response = client.post(
+        "/login",
+        data={"username": BOB, "password": users[BOB].password, "csrf_token": token},
+    )
+    assert response.status_code == 429
+    assert "Too many failed sign-ins. Try again in about 15 min." in response.get_data(as_text=True)
+
+
+def test_it_shows_maintenance_mode_on_the_sign_in_page(app: Flask, ctx: Context) -> None:
+    maintenance.set_enabled(ctx.db, ctx.settings, ADMIN, True, "driver update")
+    html = app.test_client().get("/login").get_data(as_text=True)
+    assert "Maintenance mode." in html and "driver update" in html
+
+
+def test_it_refuses_forms_without_the_csrf_token(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    anonymous = app.test_client()
+    response = anonymous.post("/login", data={"username": ALICE, "password": "x"})
+    assert response.status_code == 403
+    client = sign_in(app, users[ALICE])
+    for data in ({}, {"csrf_token": "forged"}):
+        response = client.post(
+            "/allocations", data={"gpu_type": "4090", "count": "1", "duration": "1", **data}
+        )
+        assert response.status_code == 403
+        assert "CSRF token" in response.get_data(as_text=True)
+    assert active_of(ctx, ALICE) == []
+
+
+def test_it_requests_gpus_and_shows_the_cuda_line(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    client = sign_in(app, users[ALICE])
+    status, _ = post(client, "/allocations", gpu_type="4090", count="2", duration="2", unit="hours")
+    assert status == 302
+    html = client.get("/").get_data(as_text=True)
+    assert "export CUDA_VISIBLE_DEVICES=0,1" in html
+    assert "You have GPU 0, 1 (4090)" in html
+    assert "4090 — 2 of 4 free" in html
+    assert sorted(a.gpu_id for a in active_of(ctx, ALICE)) == [0, 1]
+
+
+def test_it_takes_days(app: Flask, ctx: Context, users: dict[str, TestUser]) -> None:
+    client = sign_in(app, users[ALICE])
+    status, _ = post(client, "/allocations", gpu_type="a100", count="1", duration="2", unit="days")
+    assert status == 302
+    (row,) = active_of(ctx, ALICE)
+    assert round((row.expires_at - row.created_at).total_seconds()) == 48 * 3600
+
+
+def test_it_shows_refusals_next_to_their_field(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    client = sign_in(app, users[ALICE])
+    status, html = post(client, "/allocations", gpu_type="4090", count="9", duration="1")
+    assert status == 409
+    assert re.search(r'id="count-error">not enough free 4090 GPUs: asked for 9, 4 free<', html)
+    assert (
+        'id="count" name="count" type="number" min="1" step="1" inputmode="numeric" value="9"'
+        in html
+    )
+    status, html = post(client, "/allocations", gpu_type="4090", count="1", duration="300")
+    assert status == 422
+    assert re.search(r'id="duration-error">hours must be at most 168', html)
+    status, html = post(client, "/allocations", gpu_type="4090", count="two", duration="1")
+    assert status == 422 and 'id="count-error">Enter a whole number' in html
+    assert active_of(ctx, ALICE) == []
+
+
+def test_it_shows_a_lockout_and_refuses_to_allocate(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    with ctx.db.transaction() as session:
+        lockouts.lock_out(session, ctx.settings, ALICE, "used GPU 3 without holding it")
+    client = sign_in(app, users[ALICE])
+    html = client.get("/").get_data(as_text=True)
+    assert "You are locked out until" in html and "used GPU 3 without holding it" in html
+    status, html = post(client, "/allocations", gpu_type="4090", count="1", duration="1")
+    assert status == 403 and "is locked out until" in html
+
+
+def test_it_extends_and_releases(app: Flask, ctx: Context, users: dict[str, TestUser]) -> None:
+    (row,) = allocations.request(ctx.db, ctx.settings, ALICE, "a100", 1, 1)
+    client = sign_in(app, users[ALICE])
+    status, _ = post(client, f"/allocations/{row.id}/extend", hours="2")
+    assert status == 302
+    (extended,) = active_of(ctx, ALICE)
+    assert extended.expires_at > row.expires_at
+    status, html = post(client, f"/allocations/{row.id}/extend", hours="500")
+    assert status == 422 and f'id="extend-{row.id}-error"' in html
+    status, _ = post(client, f"/allocations/{row.id}/release")
+    assert status == 302
+    assert active_of(ctx, ALICE) == []
+    assert "Released GPU 4 (a100)." in client.get("/").get_data(as_text=True)
+
+
+def test_it_does_not_let_a_user_release_another_users_gpu(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    (row,) = allocations.request(ctx.db, ctx.settings, BOB, "4090", 1, 1)
+    client = sign_in(app, users[ALICE])
+    status, _ = post(client, f"/allocations/{row.id}/release")
+    assert status == 302
+    assert "no allocation" in client.get("/").get_data(as_text=True)
+    assert [a.id for a in active_of(ctx, BOB)] == [row.id]
+
+
+def test_it_shows_the_schedule_with_mine_marked(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)
+    allocations.request(ctx.db, ctx.settings, BOB, "a100", 1, 1)
+    html = sign_in(app, users[ALICE]).get("/schedule").get_data(as_text=True)
+    assert html.count('class="card gpu') == 6
+    card0 = html[html.index('data-gpu="testhost/0"') : html.index('data-gpu="testhost/1"')]
+    assert "yours" in card0 and "is-mine" not in card0  # the class sits before data-gpu
+    card4 = html[html.index('data-gpu="testhost/4"') : html.index('data-gpu="testhost/5"')]
+    assert "in use" in card4 and BOB in card4
+    assert "vendor/uplot/uPlot.iife.min.js" in html and 'data-refresh="2.0"' in html
+
+
+def test_it_escapes_scripts_in_notifications_and_admin_messages(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    with ctx.db.transaction() as session:
+        notify(session, ctx.settings, "admin_message", f"GPU note {SCRIPT}", users=[ALICE])
+    admin = sign_in(app, users[ADMIN])
+    status, _ = post(admin, "/admin/message", page="/admin/", user=ALICE, message=SCRIPT)
+    assert status == 302
+    status, _ = post(admin, "/admin/message", page="/admin/", user=SCRIPT, message="hello")
+    assert status == 302
+    html = sign_in(app, users[ALICE]).get("/notifications").get_data(as_text=True)
+    assert SCRIPT not in html
+    assert html.count(ESCAPED) == 2
+    assert (
+        '<span class="count-badge" data-testid="unread-count" aria-label="2 unread">2</span>'
+        in html
+    )
+    events_html = admin.get(f"/admin/events?user={SCRIPT}").get_data(as_text=True)
+    assert SCRIPT not in events_html and ESCAPED in events_html
+
+
+def test_it_marks_notifications_read(app: Flask, ctx: Context, users: dict[str, TestUser]) -> None:
+    allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)
+    client = sign_in(app, users[ALICE])
+    assert 'aria-label="1 unread"' in client.get("/").get_data(as_text=True)
+    status, _ = post(client, "/notifications/read-all", page="/notifications")
+    assert status == 302
+    assert "unread" not in client.get("/").get_data(as_text=True).split("<main")[0]
+    with ctx.db.session() as session:
+        assert all(n.read_at for n in session.scalars(select(Notification)))
+
+
+def test_it_renders_every_page_for_a_user_and_keeps_them_out_of_admin(
+    app: Flask, users: dict[str, TestUser]
+) -> None:
+    client = sign_in(app, users[ALICE])
+    for path in ("/", "/schedule", "/disk", "/notifications", "/settings"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert 'name="viewport"' in response.get_data(as_text=True)
+    assert ">Admin<" not in client.get("/").get_data(as_text=True)
+    for path in ("/admin/", "/admin/events", "/admin/disk", "/admin/reset"):
+        assert client.get(path).status_code == 403, path
+    status, _ = post(client, "/admin/maintenance", enabled="on")
+    assert status == 403
+
+
+def test_it_renders_every_admin_page(app: Flask, ctx: Context, users: dict[str, TestUser]) -> None:
+    allocations.request(ctx.db, ctx.settings, BOB, "4090", 2, 1)
+    client = sign_in(app, users[ADMIN])
+    for path in ("/", "/schedule", "/admin/", "/admin/events", "/admin/disk", "/admin/reset"):
+        assert client.get(path).status_code == 200, path
+    html = client.get("/admin/").get_data(as_text=True)
+    assert html.count("<tr data-allocation=") == 2 and "Nobody is locked out." in html
+
+
+def test_it_lets_an_admin_allocate_for_a_user_and_release_it(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    client = sign_in(app, users[ADMIN])
+    status, html = post(
+        client, "/admin/allocate", page="/admin/", user="", gpu_type="a100", count="1", duration="1"
+    )
+    assert status == 422 and 'id="user-error">Say which user gets the GPUs.' in html
+    status, _ = post(
+        client,
+        "/admin/allocate",
+        page="/admin/",
+        user=BOB,
+        gpu_type="a100",
+        count="2",
+        duration="1",
+    )
+    assert status == 302
+    rows = active_of(ctx, BOB)
+    assert sorted(r.gpu_id for r in rows) == [4, 5]
+    status, _ = post(client, f"/admin/allocations/{rows[0].id}/release", page="/admin/")
+    assert status == 302
+    assert [r.gpu_id for r in active_of(ctx, BOB)] == [5]
+    html = client.get("/admin/events?kind=released").get_data(as_text=True)
+    assert f"of {BOB} released" in html
+
+
+def test_it_lifts_a_lockout_and_switches_maintenance(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    with ctx.db.transaction() as session:
+        lockouts.lock_out(session, ctx.settings, BOB, "violation")
+    client = sign_in(app, users[ADMIN])
+    assert BOB in client.get("/admin/").get_data(as_text=True)
+    status, _ = post(client, f"/admin/lockouts/{BOB}/lift", page="/admin/")
+    assert status == 302
+    with ctx.db.session() as session:
+        assert lockouts.active(session, BOB) is None
+    status, _ = post(client, "/admin/maintenance", page="/admin/", enabled="on", message="x")
+    assert status == 302
+    with ctx.db.session() as session:
+        assert maintenance.enabled(session)
+    alice = sign_in(app, users[ALICE])
+    status, html = post(alice, "/allocations", gpu_type="4090", count="1", duration="1")
+    assert status == 403 and "maintenance mode" in html
+
+
+def test_it_resets_only_after_the_word_is_typed(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    allocations.request(ctx.db, ctx.settings, BOB, "4090", 2, 1)
+    client = sign_in(app, users[ADMIN])
+    assert "This ends <strong>2</strong>" in client.get("/admin/reset").get_data(as_text=True)
+    status, html = post(client, "/admin/reset", page="/admin/reset", confirm="yes")
+    assert status == 422 and "Type &#34;reset&#34; to confirm." in html
+    assert len(active_of(ctx, BOB)) == 2
+    status, _ = post(client, "/admin/reset", page="/admin/reset", confirm="reset")
+    assert status == 302
+    assert active_of(ctx, BOB) == []
+
+
+def test_it_pages_and_filters_the_events_log(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    for _ in range(30):
+        (row,) = allocations.request(ctx.db, ctx.settings, BOB, "a100", 1, 1)
+        allocations.release(ctx.db, ctx.settings, BOB, row.id)
+    client = sign_in(app, users[ADMIN])
+    first = client.get(f"/admin/events?user={BOB}").get_data(as_text=True)
+    assert first.count("<tr>") == 50 + 1  # a header row and a full page
+    older = re.search(r'href="([^"]+)" rel="next"', first)
+    assert older
+    second = client.get(older.group(1).replace("&amp;", "&")).get_data(as_text=True)
+    assert second.count("<tr>") == 10 + 1 and 'rel="next"' not in second
+    kinds = client.get(f"/admin/events?user={BOB}&kind=granted&gpu=4").get_data(as_text=True)
+    assert kinds.count(">granted</span>") == 30
+    with ctx.db.session() as session:
+        newest = max(session.scalars(select(Event.at)))
+    later = (newest.replace(tzinfo=None)).strftime("%Y-%m-%dT%H:%M")
+    nothing = client.get(f"/admin/events?since=2999-01-01T00:00&until={later}")
+    assert "No events match." in nothing.get_data(as_text=True)
+
+
+def test_it_signs_out_for_real(app: Flask, users: dict[str, TestUser]) -> None:
+    client = sign_in(app, users[ALICE])
+    status, _ = post(client, "/logout")
+    assert status == 302
+    assert client.get("/").status_code == 302
+
+
+def test_it_shows_my_disk_usage_once_measured(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    from gpulocker import disk
+
+    client = sign_in(app, users[ALICE])
+    first = client.get("/disk").get_data(as_text=True)
+    assert "Measuring your home directory" in first and 'http-equiv="refresh"' in first
+    assert disk.scan_pending(ctx) >= 1
+    html = client.get("/disk").get_data(as_text=True)
+    assert "Your home" in html and "Whole filesystem" in html and "Measured" in html
+    assert users[ALICE].home in html and 'http-equiv="refresh"' not in html
+    admin_html = sign_in(app, users[ADMIN]).get("/admin/disk").get_data(as_text=True)
+    assert f"<strong>{ALICE}</strong>" in admin_html
