@@ -44,25 +44,67 @@ def types_from_config(
     return sorted(typed, key=lambda t: t.info.index)
 
 
-def auto_type(name: str) -> str:
-    """A short type name from a model name: "NVIDIA GeForce RTX 4090" -> "4090",
-    "NVIDIA A100-SXM4-80GB" -> "a100", "NVIDIA H200" -> "h200", "Tesla V100-PCIE-16GB" -> "v100".
+# Words that name the vendor or the product family, not the model.
+FAMILY_WORDS = frozenset({"nvidia", "geforce", "rtx", "gtx", "tesla", "quadro", "pro"})
+# Words after the model number that make it a different model.
+VARIANT_WORDS = frozenset({"ti", "super", "ada"})
 
-    The rule: drop the vendor and family words, take the first remaining word up to a dash,
-    lower-cased. GPUs with the same model get the same type.
+
+def auto_type(name: str) -> str:
+    """A short type name from a model name (docs/gpus.md has the table):
+    "NVIDIA GeForce RTX 4090" -> "4090", "NVIDIA A100-SXM4-80GB" -> "a100",
+    "NVIDIA H200" -> "h200", "Tesla V100-PCIE-16GB" -> "v100", "NVIDIA RTX A6000" -> "a6000",
+    "NVIDIA GeForce RTX 3090 Ti" -> "3090ti", "NVIDIA RTX 6000 Ada Generation" -> "6000ada".
+
+    The rule: drop the vendor and family words; the model is the first remaining word
+    holding a digit (else the first remaining word), cut at its first dash, lower-cased,
+    followed by a variant word right after it (Ti, SUPER, Ada).
     """
-    noise = {"nvidia", "geforce", "rtx", "gtx", "tesla", "quadro"}
-    words = [w for w in re.split(r"\s+", name.strip()) if w and w.lower() not in noise]
+    words = [w for w in re.split(r"\s+", name.strip()) if w and w.lower() not in FAMILY_WORDS]
     if not words:
         return "gpu"
-    return words[0].split("-")[0].lower() or "gpu"
+    at = next((i for i, w in enumerate(words) if any(c.isdigit() for c in w)), 0)
+    model = re.sub(r"[^a-z0-9]", "", words[at].split("-")[0].lower())
+    following = words[at + 1].lower() if at + 1 < len(words) else ""
+    if following in VARIANT_WORDS and "-" not in words[at]:
+        model += following
+    return model or "gpu"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
 def assign_types(gpu_config: dict[str, list[int]], detected: Sequence[GpuInfo]) -> list[TypedGpu]:
-    """Types from GPU_CONFIG when set, else every detected GPU grouped by model (auto_type)."""
+    """Types from GPU_CONFIG when set, else every detected GPU grouped by model (auto_type).
+
+    Different models that get the same short name on one host (an A100 40GB beside an A100
+    80GB) are told apart by their memory ("a100-40gb", "a100-80gb"), and by the whole model
+    name if that is not enough, so one type never mixes two models.
+    """
     if gpu_config:
         return types_from_config(gpu_config, detected)
-    return [TypedGpu(g, auto_type(g.name)) for g in sorted(detected, key=lambda g: g.index)]
+    gpus = sorted(detected, key=lambda g: g.index)
+    models: dict[str, set[str]] = {}
+    for gpu in gpus:
+        models.setdefault(auto_type(gpu.name), set()).add(gpu.name)
+    by_memory: dict[str, set[str]] = {}
+
+    def memory_type(gpu: GpuInfo) -> str:
+        return f"{auto_type(gpu.name)}-{round(gpu.memory_total_mib / 1024)}gb"
+
+    for gpu in gpus:
+        by_memory.setdefault(memory_type(gpu), set()).add(gpu.name)
+
+    def type_of(gpu: GpuInfo) -> str:
+        short = auto_type(gpu.name)
+        if len(models[short]) == 1:
+            return short
+        if len(by_memory[memory_type(gpu)]) == 1:
+            return memory_type(gpu)
+        return _slug(gpu.name)
+
+    return [TypedGpu(g, type_of(g)) for g in gpus]
 
 
 def register(session: Session, host: str, gpus: Sequence[TypedGpu]) -> list[Gpu]:

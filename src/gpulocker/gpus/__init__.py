@@ -7,12 +7,15 @@ talks to a backend; everyone else reads what the agent published.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from gpulocker.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 class BackendUnavailable(RuntimeError):
@@ -84,16 +87,34 @@ class GpuBackend(Protocol):
         ...
 
 
+NO_DRIVER = "no NVIDIA driver found; run with --simulate to try GPULocker without GPUs"
+
+
 def make_backend(settings: Settings) -> GpuBackend:
-    """The backend GPU_BACKEND names."""
+    """The backend GPU_BACKEND names. `nvml` falls back to `smi` when NVML cannot load but
+    nvidia-smi works; with neither, BackendUnavailable says so in one line (NO_DRIVER)."""
     if settings.gpu_backend == "simulated":
         from gpulocker.gpus.simulated import SimulatedBackend
 
         return SimulatedBackend(settings.gpu_config, settings.device_path)
-    if settings.gpu_backend == "smi":
-        from gpulocker.gpus.smi import SmiBackend
+    from gpulocker.gpus.smi import SmiBackend
 
-        return SmiBackend(settings.device_path)
+    if settings.gpu_backend == "smi":
+        try:
+            return SmiBackend(settings.device_path)
+        except BackendUnavailable as exc:
+            log.info("smi backend: %s", exc)
+            raise BackendUnavailable(NO_DRIVER) from None
     from gpulocker.gpus.nvml import NvmlBackend
 
-    return NvmlBackend(settings.device_path)
+    try:
+        return NvmlBackend(settings.device_path)
+    except BackendUnavailable as nvml_error:
+        reason = str(nvml_error)
+    try:
+        backend = SmiBackend(settings.device_path, fallback_reason=reason)
+    except BackendUnavailable as exc:
+        log.info("nvml backend: %s; smi backend: %s", reason, exc)
+        raise BackendUnavailable(NO_DRIVER) from None
+    log.warning("%s; falling back to nvidia-smi", reason)
+    return backend
