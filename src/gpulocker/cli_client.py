@@ -166,13 +166,13 @@ def render_table(
     lines = ["  ".join(_pad(h, widths[i], i in align) for i, h in enumerate(headers)).rstrip()]
     lines[0] = click.style(lines[0], bold=True)
     for row in rows:
-        cells = [
-            click.style(_pad(text, widths[i], i in align), **style)
-            if style
-            else _pad(text, widths[i], i in align)
-            for i, (text, style) in enumerate(row)
-        ]
-        lines.append("  ".join(cells).rstrip())
+        while row and not row[-1][0]:  # no trailing blanks (nor colour codes around them)
+            row = row[:-1]
+        cells = []
+        for i, (text, style) in enumerate(row):
+            padded = text if i == len(row) - 1 else _pad(text, widths[i], i in align)
+            cells.append(click.style(padded, **style) if style and text else padded)
+        lines.append("  ".join(cells))
     return lines
 
 

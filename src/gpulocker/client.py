@@ -25,6 +25,7 @@ from gpulocker.config import default_state_dir, read_environment
 
 ROOT_SOCKET = Path("/run/gpulocker/gpulocker.sock")
 TIMEOUT = 30.0  # seconds; a request waits at most ~2 s for the agent, the rest is slack
+HTTP_STATES = ("active", "released", "expired", "revoked")
 
 
 class ClientError(Exception):
@@ -167,7 +168,7 @@ def http_json(
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             raw = response.read()
     except urllib.error.HTTPError as exc:
-        raise _http_error(exc, url) from None
+        raise _http_error(exc, url, signed_in=bool(token)) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ClientError("unreachable", f"cannot reach {url}: {reason}") from None
@@ -179,7 +180,7 @@ def http_json(
         raise ClientError("protocol", f"{url} did not answer with JSON") from None
 
 
-def _http_error(exc: urllib.error.HTTPError, url: str) -> ClientError:
+def _http_error(exc: urllib.error.HTTPError, url: str, signed_in: bool) -> ClientError:
     try:
         answer = json.loads(exc.read() or b"{}")
     except ValueError:
@@ -189,7 +190,7 @@ def _http_error(exc: urllib.error.HTTPError, url: str) -> ClientError:
         code, message = str(err.get("code", exc.code)), str(err["message"])
     else:
         code, message = str(exc.code), f"{url} answered {exc.code} {exc.reason}"
-    if exc.code == 401:
+    if exc.code == 401 and signed_in:  # the stored token no longer works
         message += " (run `gpulocker login --server URL` to sign in again)"
     return ClientError(code, message)
 
@@ -230,11 +231,13 @@ class HttpClient:
         }
 
     def _op_allocations_list_for(self, all: bool = False, state: str = "active") -> Any:
-        query = {"state": "" if state == "any" else state}
-        if all:
-            query["all"] = "1"
-        path = "/api/v1/allocations?" + urllib.parse.urlencode(query)
-        return {"allocations": _allocations(self._json("GET", path))}
+        states = HTTP_STATES if state == "any" else (state,)
+        rows: list[dict[str, Any]] = []
+        for one in states:  # the API filters by one state at a time
+            query = {"state": one, **({"all": "1"} if all else {})}
+            path = "/api/v1/allocations?" + urllib.parse.urlencode(query)
+            rows += _allocations(self._json("GET", path))
+        return {"allocations": sorted(rows, key=lambda r: -int(r["id"]))}
 
     def _op_allocations_get(self, id: int) -> Any:
         return {"allocation": _allocation(self._json("GET", f"/api/v1/allocations/{id}"))}
@@ -258,7 +261,7 @@ class HttpClient:
 
     def _op_allocations_reset(self) -> Any:
         answer = self._json("POST", "/api/v1/admin/reset", {})
-        return {"ended": answer.get("ended", answer.get("released", 0))}
+        return {"ended": answer.get("count", 0)}
 
     def _op_lockouts_all_active(self) -> Any:
         answer = self._json("GET", "/api/v1/admin/lockouts")
@@ -266,7 +269,7 @@ class HttpClient:
 
     def _op_lockouts_lift(self, user: str) -> Any:
         answer = self._json("DELETE", f"/api/v1/admin/lockouts/{urllib.parse.quote(user)}")
-        return {"lifted": answer.get("lifted", 1)}
+        return {"lifted": answer.get("count", 1)}
 
     def _op_maintenance_set_enabled(self, enabled: bool, message: str = "") -> Any:
         body = {"enabled": enabled, "message": message}
@@ -381,9 +384,12 @@ def connect(server: str | None = None, socket_path: Path | None = None) -> Clien
 def login(server: str, username: str, password: str) -> Credentials:
     """POST /api/v1/tokens with the Linux user name and password; the token to store."""
     server = normalize_server(server)
-    answer = http_json(
-        "POST", server + "/api/v1/tokens", {"username": username, "password": password}
-    )
+    body = {
+        "username": username,
+        "password": password,
+        "name": f"gpulocker login on {socket.gethostname()}",
+    }
+    answer = http_json("POST", server + "/api/v1/tokens", body)
     token = answer.get("token") if isinstance(answer, dict) else None
     if not isinstance(token, str) or not token:
         raise ClientError("protocol", f"{server} gave no token")
