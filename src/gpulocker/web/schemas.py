@@ -256,6 +256,16 @@ class DiskQuery(Query):
 class DiskUsageOut(Out):
     model_config = ConfigDict(extra="allow")
     user: str
+    home: str | None = None
+    used_bytes: int | None = Field(default=None, description="home directory size")
+    scanned_bytes: int | None = Field(default=None, description="progress of a running scan")
+    fs_total_bytes: int | None = None
+    fs_used_bytes: int | None = None
+    fs_free_bytes: int | None = None
+    status: str = Field(description="pending, scanning, done or error")
+    error: str | None = None
+    measured_at: Timestamp | None = None
+    stale: bool | None = Field(default=None, description="older than DISK_CACHE_TIMEOUT_SECONDS")
 
 
 class DiskReport(Out):
