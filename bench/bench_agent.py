@@ -1,0 +1,229 @@
+"""How fast does a grant reach the device file, and what does one agent tick cost?
+
+1. Grant latency: an agent loops in a thread (as in `gpulocker serve`); the bench grants a
+   GPU to a real account in the database and times until `user:<uid>:rw-` is on the file,
+   then releases and waits until it is gone, GRANTS times, each after a random pause so
+   grants land anywhere in the agent's 0.2 s change poll. Baseline in the same run: the
+   same database write plus `access.apply` done directly in one process (the floor; what
+   the agent adds is waiting for its 0.2 s change poll). Target: p99 < 1 s.
+2. Tick CPU: with 8 and with 64 simulated GPUs and ~200 idle processes on the host holding
+   the device files open (as root, so exempt: no kills), the CPU time (`process_time`) of
+   one forced tick (every step runs) and of one plain 0.2 s poll tick (nothing due but the
+   change check). Baseline in the same run: one bare /proc scan for the device files
+   (`procfs.holders`), the least any sampler must do.
+
+Needs root (ACLs, an account to grant to).
+
+    .venv/bin/python bench/bench_agent.py [--grants 100] [--postgres URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+
+from gpulocker import access, allocations, procfs
+from gpulocker.agent import Agent
+from gpulocker.config import Settings
+from gpulocker.context import Context, open_context
+from gpulocker.gpus.simulated import SimulatedBackend, device_file
+
+USER = "nobody"  # an account every Debian host has
+IDLE_PROCESSES = 200
+TICKS = 20
+
+
+def settings_for(base: Path, url: str, gpus: int) -> Settings:
+    """An agent's settings over `gpus` simulated GPUs in a fresh directory."""
+    return Settings(
+        state_dir=base / "state",
+        database_url=url,
+        gpu_backend="simulated",
+        gpu_config={"4090": list(range(gpus))},
+        device_dir=base / "dev",
+        gpu_host="bench",
+        privileged_users=("root",),
+        secret_key="bench",
+        kill_grace_seconds=1.0,
+        reconcile_seconds=10.0,
+        max_allocation_hours=24.0,
+    )
+
+
+@contextmanager
+def database(kind: str, base: Path, postgres: str) -> Iterator[str]:
+    """A fresh SQLite file or PostgreSQL database, dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite:///{base}/bench.db"
+        return
+    name = f"glbench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(postgres, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def wait_until(predicate: object, timeout: float = 5.0) -> float:
+    """Poll every 0.5 ms; returns the perf_counter time when `predicate()` became true."""
+    deadline = time.perf_counter() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.perf_counter() > deadline:
+            raise RuntimeError("the agent did not get there in time")
+        time.sleep(0.0005)
+    return time.perf_counter()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def grant_latency(ctx: Context, grants: int) -> list[float]:
+    """Seconds from the committed grant to the ACL entry on the file, per grant."""
+    settings, uid = ctx.settings, access.user_uid(USER)
+    path = str(device_file(settings.device_path, 0))
+    agent = Agent(ctx)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    wait_until(lambda: agent.reconciled_at)
+    latencies = []
+    try:
+        for _ in range(grants):
+            time.sleep(random.uniform(0, 0.3))  # requests arrive at any point of the poll cycle
+            (row,) = allocations.request(ctx.db, settings, "root", "4090", 1, 1, [0], USER)
+            began = time.perf_counter()
+            latencies.append(wait_until(lambda: uid in access.read(path).users) - began)
+            allocations.release(ctx.db, settings, "root", row.id)
+            wait_until(lambda: uid not in access.read(path).users)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    return latencies
+
+
+def direct_floor(ctx: Context, grants: int) -> list[float]:
+    """The same write and the ACL change done at once, in one process (the baseline)."""
+    settings, uid = ctx.settings, access.user_uid(USER)
+    assert uid is not None
+    path = str(device_file(settings.device_path, 1))
+    took = []
+    for _ in range(grants):
+        began = time.perf_counter()
+        (row,) = allocations.request(ctx.db, settings, "root", "4090", 1, 1, [1], USER)
+        access.apply(path, [uid])
+        took.append(time.perf_counter() - began)
+        allocations.release(ctx.db, settings, "root", row.id)
+        access.apply(path, [])
+    return took
+
+
+def idle_processes(paths: list[str], count: int) -> list[subprocess.Popen[bytes]]:
+    """`count` sleeping processes, each holding one of the device files open."""
+    procs = []
+    for i in range(count):
+        with open(paths[i % len(paths)], "rb") as handle:
+            procs.append(subprocess.Popen(["sleep", "600"], stdin=handle))
+    return procs
+
+
+def tick_cpu(ctx: Context) -> dict[str, float]:
+    """CPU milliseconds: one forced tick, one poll tick, and the /proc scan baseline."""
+    agent = Agent(ctx)
+    agent.tick(force=True)  # start: register, first reconcile, warm caches
+    paths = list(agent.devices.values())
+    procs = idle_processes(paths, IDLE_PROCESSES)
+    try:
+        time.sleep(0.2)
+        forced, poll, scan = [], [], []
+        for _ in range(TICKS):
+            began = time.process_time()
+            procfs.holders(paths)
+            scan.append(time.process_time() - began)
+            began = time.process_time()
+            agent.tick(force=True)
+            forced.append(time.process_time() - began)
+            time.sleep(0.21)  # the poll-period steps are due again, the others not
+            began = time.process_time()
+            agent.tick()
+            poll.append(time.process_time() - began)
+        seen = sum(len(s.processes) for s in agent.samples.values())
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+    return {
+        "forced": statistics.median(forced) * 1000,
+        "poll": statistics.median(poll) * 1000,
+        "scan": statistics.median(scan) * 1000,
+        "seen": seen,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grants", type=int, default=100)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--skip-postgres", action="store_true")
+    args = parser.parse_args()
+    if access.user_uid(USER) is None:
+        print(f"needs an account named {USER}", file=sys.stderr)
+        return 1
+    kinds = ["sqlite"] + ([] if args.skip_postgres else ["postgresql"])
+
+    print(f"grant latency: database commit -> ACL entry on the file, {args.grants} grants")
+    for kind in kinds:
+        with (
+            tempfile.TemporaryDirectory(prefix="glbench-") as tmp,
+            database(kind, Path(tmp), args.postgres) as url,
+        ):
+            ctx = open_context(settings_for(Path(tmp), url, 8))
+            SimulatedBackend(ctx.settings.gpu_config, ctx.settings.device_path).inventory()
+            via_agent = grant_latency(ctx, args.grants)
+            floor = direct_floor(ctx, args.grants)
+            ctx.close()
+        p50, p99 = pct(via_agent, 0.5) * 1000, pct(via_agent, 0.99) * 1000
+        f50 = pct(floor, 0.5) * 1000
+        print(
+            f"  {kind:10s} via agent p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  max "
+            f"{max(via_agent) * 1000:7.1f} ms | direct write+apply p50 {f50:6.2f} ms "
+            f"| ratio p50 {p50 / f50:6.1f}x | p99 {'<' if p99 < 1000 else '>='} 1 s target"
+        )
+
+    print(f"\nCPU time of one agent tick (median of {TICKS}), {IDLE_PROCESSES} idle processes")
+    for kind in kinds:
+        for gpus in (8, 64):
+            with (
+                tempfile.TemporaryDirectory(prefix="glbench-") as tmp,
+                database(kind, Path(tmp), args.postgres) as url,
+            ):
+                ctx = open_context(settings_for(Path(tmp), url, gpus))
+                cpu = tick_cpu(ctx)
+                ctx.close()
+            print(
+                f"  {kind:10s} {gpus:2d} GPUs: forced tick {cpu['forced']:7.2f} ms CPU, "
+                f"poll tick {cpu['poll']:6.2f} ms | /proc scan baseline {cpu['scan']:6.2f} ms "
+                f"| forced/scan {cpu['forced'] / cpu['scan']:5.1f}x "
+                f"| {int(cpu['seen'])} processes seen"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
