@@ -415,3 +415,14 @@ def test_http_refusals_read_like_the_socket(
     assert forged.exit_code == 1
     assert forged.stderr.endswith("(run `gpulocker login --server URL` to sign in again)\n")
     assert os.path.exists(config / "gpulocker" / "credentials.json")
+
+
+def test_the_terminal_commands_start_without_the_database_or_web_libraries() -> None:
+    code = (
+        "import sys, gpulocker.cli\n"
+        "print(sorted(m for m in ('sqlalchemy', 'flask', 'urllib.request') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout == "[]\n"  # every command pays for what it imports at start

@@ -14,14 +14,15 @@ import contextlib
 import json
 import os
 import socket
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gpulocker.config import default_state_dir, read_environment
+
+if TYPE_CHECKING:
+    import urllib.error
 
 ROOT_SOCKET = Path("/run/gpulocker/gpulocker.sock")
 TIMEOUT = 30.0  # seconds; a request waits at most ~2 s for the agent, the rest is slack
@@ -157,6 +158,9 @@ def http_json(
     timeout: float = TIMEOUT,
 ) -> Any:
     """One HTTP request with a JSON body; the decoded answer, or ClientError."""
+    import urllib.error  # here, not at the top: the socket path starts faster without it
+    import urllib.request
+
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 (URL is the user's server)
     request.add_header("Accept", "application/json")
