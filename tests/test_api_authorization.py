@@ -1,0 +1,147 @@
+"""Every endpoint tried by bob on alice's things, and by nobody at all.
+
+The table below must name every endpoint the API declares (a test checks), so a new
+endpoint cannot ship without saying who may call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from gpulocker import allocations, tokens
+from gpulocker.context import Context
+from gpulocker.web import api, health
+from gpulocker.web.openapi import OPERATIONS
+from tests.api_fixtures import Headers, app, bearer, client
+from tests.helpers import ALICE, BOB
+
+__all__ = ["api", "app", "bearer", "client", "health"]  # the modules declare the endpoints
+
+
+@dataclass(frozen=True)
+class Try:
+    """One call bob makes, and what he must get."""
+
+    method: str
+    path: str
+    status: int
+    body: dict[str, Any] | None = None
+    anonymous: int = 401  # what a caller with no credentials gets
+
+
+# `{alloc}`, `{token}`, `{note}` are alice's; bob must never reach them.
+BOB_TRIES: dict[str, Try] = {
+    "gpu_status": Try("GET", "/api/gpu_status", 200, anonymous=200),
+    "gpus": Try("GET", "/api/v1/gpus", 200),
+    "gpu_history": Try("GET", "/api/v1/gpus/0/history", 200),
+    "create_token": Try(
+        "POST", "/api/v1/tokens", 401, {"username": ALICE, "password": "guess"}, 401
+    ),
+    "list_tokens": Try("GET", "/api/v1/tokens", 200),
+    "revoke_token": Try("DELETE", "/api/v1/tokens/{token}", 404),
+    "who_am_i": Try("GET", "/api/v1/me", 200),
+    "list_allocations": Try("GET", "/api/v1/allocations?all=1&state=active", 200),
+    "request_allocation": Try(
+        "POST",
+        "/api/v1/allocations",
+        403,
+        {"gpu_type": "4090", "count": 1, "hours": 1, "user": ALICE},
+    ),
+    "get_allocation": Try("GET", "/api/v1/allocations/{alloc}", 404),
+    "extend_allocation": Try("POST", "/api/v1/allocations/{alloc}/extend", 404, {"hours": 1}),
+    "release_allocation": Try("DELETE", "/api/v1/allocations/{alloc}", 404),
+    "list_events": Try("GET", f"/api/v1/events?user={ALICE}", 403),
+    "list_notifications": Try("GET", "/api/v1/notifications", 200),
+    "read_notification": Try("POST", "/api/v1/notifications/{note}/read", 404),
+    "disk_usage": Try("GET", "/api/v1/disk?all=1", 403),
+    "admin_reset": Try("POST", "/api/v1/admin/reset", 403),
+    "admin_maintenance": Try("POST", "/api/v1/admin/maintenance", 403, {"enabled": True}),
+    "admin_notify": Try("POST", "/api/v1/admin/notify", 403, {"user": ALICE, "message": "x"}),
+    "admin_lockouts": Try("GET", "/api/v1/admin/lockouts", 403),
+    "admin_lift_lockout": Try("DELETE", f"/api/v1/admin/lockouts/{ALICE}", 403),
+    "openapi": Try("GET", "/api/v1/openapi.json", 200, anonymous=200),
+    "healthz": Try("GET", "/healthz", 200, anonymous=200),
+    "metrics": Try("GET", "/metrics", 200, anonymous=200),
+}
+
+
+@pytest.fixture
+def alices_things(ctx: Context) -> dict[str, int]:
+    """An active allocation, an API token and a notification of alice's."""
+    row = allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 2)[0]
+    token, _raw = tokens.create(ctx.db, ALICE, "alice's laptop")
+    with ctx.db.session() as session:
+        from gpulocker import inbox
+
+        note = inbox.list_for(session, ALICE)[0]
+    return {"alloc": row.id, "token": token.id, "note": note.id}
+
+
+def call(client: FlaskClient, attempt: Try, things: dict[str, int], headers: Headers) -> Any:
+    path = attempt.path.format(**things)
+    return client.open(path, method=attempt.method, json=attempt.body, headers=headers)
+
+
+def test_the_table_names_every_endpoint() -> None:
+    assert {op.name for op in OPERATIONS} == set(BOB_TRIES)
+
+
+@pytest.mark.parametrize("name", sorted(BOB_TRIES))
+def test_bob_never_reaches_alices_things(
+    name: str,
+    client: FlaskClient,
+    bearer: Callable[[str], Headers],
+    alices_things: dict[str, int],
+    ctx: Context,
+) -> None:
+    attempt = BOB_TRIES[name]
+    answer = call(client, attempt, alices_things, bearer(BOB))
+    assert answer.status_code == attempt.status, answer.get_data(as_text=True)
+    assert ALICE not in _private_part(name, answer.get_json(silent=True))
+    with ctx.db.session() as session:
+        mine = allocations.get(session, ctx.settings, ALICE, alices_things["alloc"])
+        assert mine.state == "active" and mine.user == ALICE
+        assert [t.id for t in tokens.list_for(session, ALICE)] == [alices_things["token"]]
+        from gpulocker import inbox
+
+        assert inbox.unread_count(session, ALICE) == 1
+
+
+def _private_part(name: str, body: Any) -> str:
+    """What of the answer would leak alice's things (the GPU status shows holders by design,
+    and a refusal may name her as the target bob asked about)."""
+    if name in ("gpu_status", "gpus") or body is None or "error" in (body or {}):
+        return ""
+    return str(body)
+
+
+@pytest.mark.parametrize("name", sorted(BOB_TRIES))
+def test_nobody_gets_only_what_is_public(
+    name: str, client: FlaskClient, alices_things: dict[str, int]
+) -> None:
+    attempt = BOB_TRIES[name]
+    answer = call(client, attempt, alices_things, {})
+    assert answer.status_code == attempt.anonymous
+    if answer.status_code == 401:
+        assert answer.get_json()["error"]["code"] == "unauthorized"
+    if name == "gpu_status":
+        assert ALICE not in answer.get_data(as_text=True)
+
+
+def test_an_admin_reaches_everything(
+    client: FlaskClient, bearer: Callable[[str], Headers], alices_things: dict[str, int]
+) -> None:
+    from tests.helpers import ADMIN
+
+    admin = bearer(ADMIN)
+    path = f"/api/v1/allocations/{alices_things['alloc']}"
+    assert client.get(path, headers=admin).status_code == 200
+    assert client.post(path + "/extend", json={"hours": 1}, headers=admin).status_code == 200
+    assert client.delete(path, headers=admin).get_json()["allocation"]["state"] == "released"
+    events = client.get(f"/api/v1/events?user={ALICE}", headers=admin).get_json()["events"]
+    assert events and all(e["user"] == ALICE for e in events)
