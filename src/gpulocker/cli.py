@@ -97,6 +97,18 @@ def sim_load(gpu_id: int, util: float, mem_mib: float, error: str | None) -> Non
     click.echo(f"wrote {path}")
 
 
+@main.command("doctor")
+@click.option("--simulate", default=None, help='check as for simulated GPUs, e.g. \'{"4090": 2}\'')
+@handle_errors
+def doctor_command(simulate: str | None) -> None:
+    """Check this host (driver, device files, ACLs, PAM, database, Redis, agent, clock)."""
+    from gpulocker import doctor
+
+    checks = doctor.run_checks(settings_from_env(simulate))
+    click.echo(doctor.render(checks))
+    sys.exit(doctor.exit_status(checks))
+
+
 @main.command("agent")
 @click.option("--simulate", default=None, help='simulated GPUs, e.g. \'{"4090": 4}\'')
 @handle_errors
