@@ -9,18 +9,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from gpulocker import access, allocations, heartbeat, live
+from gpulocker import access, allocations, events, heartbeat, live
 from gpulocker.agent import POLL_SECONDS, Agent, Step, start_in_thread
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
 from gpulocker.gpus.simulated import device_file, ensure_device_file, write_load
-from gpulocker.models import Allocation, Event, Gpu, Notification
+from gpulocker.models import Allocation, Event, Gpu, Notification, utcnow
 from tests.conftest import GPU_CONFIG, REDIS_URL, _admin_conn
 from tests.helpers import (
     ADMIN,
@@ -137,6 +138,42 @@ def test_it_restores_a_recreated_file_and_its_holder(
     assert drift.data is not None
     assert "mode 0666" in drift.data["changes"]
     assert f"restored missing user:{ALICE}:rw-" in drift.data["changes"]
+
+
+def test_it_sees_a_grant_that_commits_after_a_newer_event(
+    settings: Settings, db: Database, users: dict
+) -> None:
+    if db.is_sqlite:
+        pytest.skip("SQLite has one writer at a time: its event ids always commit in order")
+    settings = settings.with_overrides(reconcile_seconds=60.0)  # only the change poll counts
+    ctx = Context(settings)
+    agent = Agent(ctx)
+    agent.tick()
+    alice, bob = users[ALICE], users[BOB]
+    with db.transaction() as slow:  # takes the lower event id, commits last
+        now = utcnow()
+        slow.add(
+            Allocation(
+                user=ALICE,
+                host=settings.gpu_host,
+                gpu_id=0,
+                gpu_type="4090",
+                device=gpu0(settings),
+                created_at=now,
+                expires_at=now + timedelta(hours=1),
+                state="active",
+            )
+        )
+        events.record(slow, "granted", ALICE, "GPU 0", user=ALICE, host=settings.gpu_host)
+        slow.flush()
+        allocations.request(db, settings, BOB, "4090", gpu_ids=[1], hours=1)
+        wait_for(lambda: agent.tick().get("reconcile"), timeout=2)
+        assert try_open_as(bob, str(device_file(settings.device_path, 1))) == 0
+    began = time.monotonic()
+    wait_for(lambda: agent.tick().get("reconcile"), timeout=2)
+    assert time.monotonic() - began < 1.0
+    assert try_open_as(alice, gpu0(settings)) == 0
+    ctx.close()
 
 
 def test_it_keeps_a_user_created_later_out_of_every_gpu(

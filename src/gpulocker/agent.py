@@ -13,8 +13,9 @@ changed. An allocation that ended loses its entry and its holder's processes on 
 are ended; only when they are gone is `access_removed_at` set, so a crash at any point is
 repaired by the next reconcile, which is the first thing a (re)started agent does.
 
-Reconcile runs every RECONCILE_SECONDS, and at once when the newest event id changes (a
-cheap query polled every 0.2 s; every grant and release records an event), so a grant
+Reconcile runs every RECONCILE_SECONDS, and at once when the events table changes (a
+cheap query on the newest ids polled every 0.2 s; every grant and release records an
+event), so a grant
 reaches the file within a second with or without Redis. When the database cannot be read
 the agent keeps enforcing the last state it knew; it never revokes everyone because a
 read failed.
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from gpulocker import access, allocations, events, heartbeat, inventory, live, localapi, procfs
@@ -42,13 +43,14 @@ from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.gpus import GpuBackend, GpuSample, make_backend
 from gpulocker.inventory import TypedGpu
-from gpulocker.models import ACTIVE, Allocation, utcnow
+from gpulocker.models import ACTIVE, Allocation, Event, utcnow
 from gpulocker.notify import notify
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # how often the change counter is read and the reaper polled
 HEARTBEAT_SECONDS = 5.0
+EVENT_WINDOW = 64  # events that may still commit out of id order (see _change_token)
 DB_ERRORS = (SQLAlchemyError, OSError)
 
 
@@ -115,7 +117,8 @@ class Agent:
         self.reconciled_at: str | None = None
         self._health: dict[int, tuple[bool, str | None]] = {}
         self._due: dict[str, float] = {}
-        self._seen_event_id: int | None = None
+        self._seen_token: tuple[int, int] | None = None
+        self._event_floor = 0
         self._next_full = 0.0
         self._baselined: set[str] = set()
         self._unknown_users: set[str] = set()
@@ -223,21 +226,35 @@ class Agent:
     def reconcile_if_due(self) -> bool:
         """Reconcile when something changed in the database or RECONCILE_SECONDS passed."""
         now = time.monotonic()
-        latest = self._latest_event_id()
-        changed = latest is not None and latest != self._seen_event_id
+        token = self._change_token()
+        changed = token is not None and token != self._seen_token
         if not changed and now < self._next_full:
             return False
-        if latest is not None:
-            self._seen_event_id = latest
+        if token is not None:
+            self._seen_token = token
         self._next_full = now + self.settings.reconcile_seconds
         return self.reconcile()
 
-    def _latest_event_id(self) -> int | None:
+    def _change_token(self) -> tuple[int, int] | None:
+        """The newest event id and how many events lie above a floor a little below it.
+
+        The newest id alone can miss a change on PostgreSQL: ids come from a sequence, so a
+        transaction holding a lower id can commit after one holding a higher id. Counting
+        the events above the floor sees such a late commit too. Two index range reads.
+        """
         try:
             with self.ctx.db.session() as session:
-                return events.latest_id(session)
+                newest, count = session.execute(
+                    select(func.max(Event.id), func.count(Event.id)).where(
+                        Event.id > self._event_floor
+                    )
+                ).one()
         except DB_ERRORS:
             return None
+        newest = newest or self._event_floor
+        if newest - self._event_floor > 4 * EVENT_WINDOW:  # keep the counted range short
+            self._event_floor = newest - EVENT_WINDOW
+        return newest, count
 
     def reconcile(self) -> bool:
         """Make every managed device file say what the database says. True if it changed
