@@ -1,51 +1,72 @@
 """Utilization and memory history of one GPU, for charts: the `gpu_samples` rows of a
-time window, averaged into at most `MAX_POINTS` buckets so a week of samples stays a
-small answer."""
+time window, averaged into at most `MAX_POINTS` time buckets so a week of samples stays a
+small answer.
+
+The averaging happens in the database (GROUP BY the bucket number of each row), so a
+week of one-minute samples costs one index range scan and sends at most MAX_POINTS rows
+to Python; `bench/bench_history.py` measures it against fetching the raw rows.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Float, Integer, cast, func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from gpulocker.models import GpuSample, utcnow
 
 MAX_POINTS = 1000
+UNIX_EPOCH_JULIAN_DAY = 2440587.5
 
 
 def series(
-    session: Session, host: str, gpu_id: int, hours: float, max_points: int = MAX_POINTS
+    session: Session,
+    host: str,
+    gpu_id: int,
+    hours: float,
+    max_points: int = MAX_POINTS,
+    end: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Points `{at, utilization, memory_used_mib}` oldest first, at most `max_points`."""
-    end = utcnow()
+    """Points `{at, utilization, memory_used_mib}` oldest first, at most `max_points`: each
+    the mean of one bucket (window / max_points wide) and the time of its newest sample."""
+    end = end or utcnow()
     start = end - timedelta(hours=hours)
+    width = max((end - start).total_seconds() / max(1, max_points), 1e-6)
+    bucket = _bucket(session, start, width)
     stmt = (
-        select(GpuSample.at, GpuSample.utilization, GpuSample.memory_used_mib)
-        .where(GpuSample.host == host, GpuSample.gpu_id == gpu_id, GpuSample.at >= start)
-        .order_by(GpuSample.at)
+        select(
+            func.max(GpuSample.at),
+            func.avg(GpuSample.utilization),
+            func.avg(GpuSample.memory_used_mib),
+        )
+        .where(
+            GpuSample.host == host,
+            GpuSample.gpu_id == gpu_id,
+            GpuSample.at >= start,
+            GpuSample.at <= end,
+        )
+        .group_by(bucket)
+        .order_by(bucket)
     )
-    rows = session.execute(stmt).all()
-    if len(rows) <= max_points:
-        return [_point(at, util, mem) for at, util, mem in rows]
-    width = (end - start) / max_points
-    buckets: dict[int, list[tuple[Any, float, float]]] = {}
-    for at, util, mem in rows:
-        index = min(max_points - 1, int((at - start) / width))
-        buckets.setdefault(index, []).append((at, util, mem))
-    return [_average(buckets[i]) for i in sorted(buckets)]
+    return [_point(at, util, mem) for at, util, mem in session.execute(stmt) if at is not None]
 
 
-def _point(at: Any, utilization: float, memory_used_mib: float) -> dict[str, Any]:
-    return {"at": at.isoformat(), "utilization": utilization, "memory_used_mib": memory_used_mib}
+def _bucket(session: Session, start: datetime, width: float) -> ColumnElement[Any]:
+    """The bucket number of a row: whole widths between the window's start and its time."""
+    start_epoch = start.astimezone(UTC).timestamp()
+    if session.get_bind().dialect.name == "sqlite":
+        epoch = (func.julianday(GpuSample.at) - UNIX_EPOCH_JULIAN_DAY) * 86400.0
+        return cast((epoch - start_epoch) / width, Integer)  # rows are after start: trunc = floor
+    epoch_pg = cast(func.extract("epoch", GpuSample.at), Float)
+    return func.floor((epoch_pg - start_epoch) / width)
 
 
-def _average(rows: list[tuple[Any, float, float]]) -> dict[str, Any]:
-    """One bucket as one point: the time of its last sample, the mean of its values."""
-    count = len(rows)
-    return _point(
-        rows[-1][0],
-        sum(r[1] for r in rows) / count,
-        sum(r[2] for r in rows) / count,
-    )
+def _point(at: datetime, utilization: float, memory_used_mib: float) -> dict[str, Any]:
+    return {
+        "at": at.isoformat(),
+        "utilization": round(float(utilization), 2),
+        "memory_used_mib": round(float(memory_used_mib), 1),
+    }

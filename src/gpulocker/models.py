@@ -98,6 +98,7 @@ class Allocation(Base):
         ),
         Index("ix_allocations_user_state", "user", "state"),
         Index("ix_allocations_state_expires", "state", "expires_at"),
+        Index("ix_allocations_host_removed", "host", "access_removed_at"),  # agent's pending work
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -297,7 +298,11 @@ class GpuSample(Base):
     """History: one GPU's utilization and memory at one time (every GPU_ACTIVITY_CHECK_MINUTES)."""
 
     __tablename__ = "gpu_samples"
-    __table_args__ = (Index("ix_gpu_samples_gpu_at", "host", "gpu_id", "at"),)
+    # The values are in the index too, so charts and the idle policy read it alone
+    # (an index-only scan: a GPU's rows are spread over the whole table).
+    __table_args__ = (
+        Index("ix_gpu_samples_gpu_at", "host", "gpu_id", "at", "utilization", "memory_used_mib"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     host: Mapped[str] = mapped_column(String(255))

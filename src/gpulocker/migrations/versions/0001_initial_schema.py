@@ -43,6 +43,9 @@ def upgrade() -> None:
         batch_op.create_index("ix_allocations_state_expires", ["state", "expires_at"], unique=False)
         batch_op.create_index("ix_allocations_user_state", ["user", "state"], unique=False)
         batch_op.create_index(
+            "ix_allocations_host_removed", ["host", "access_removed_at"], unique=False
+        )
+        batch_op.create_index(
             "uq_allocations_active_gpu",
             ["host", "gpu_id"],
             unique=True,
@@ -114,7 +117,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("gpu_samples", schema=None) as batch_op:
-        batch_op.create_index("ix_gpu_samples_gpu_at", ["host", "gpu_id", "at"], unique=False)
+        batch_op.create_index(
+            "ix_gpu_samples_gpu_at",
+            ["host", "gpu_id", "at", "utilization", "memory_used_mib"],
+            unique=False,
+        )
 
     op.create_table(
         "gpus",
@@ -284,6 +291,7 @@ def downgrade() -> None:
             sqlite_where=sa.text("state = 'active'"),
             postgresql_where=sa.text("state = 'active'"),
         )
+        batch_op.drop_index("ix_allocations_host_removed")
         batch_op.drop_index("ix_allocations_user_state")
         batch_op.drop_index("ix_allocations_state_expires")
 
