@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from gpulocker import events, lockouts
 from gpulocker.config import Settings
 from gpulocker.gpus import GpuSample
-from gpulocker.models import ACTIVE, Allocation
+from gpulocker.models import Allocation
 from gpulocker.notify import notify
 
 if TYPE_CHECKING:
@@ -45,10 +45,13 @@ class Suspect:
 
 
 def allowed_users(session: Session, host: str) -> dict[int, set[str]]:
-    """Per GPU of `host`: its holder, and former holders whose access is still being removed."""
+    """Per GPU of `host`: its holder, and former holders whose access is still being removed.
+
+    Both are the allocations whose access_removed_at is empty (the agent sets it only once an
+    ended allocation's processes are gone), which an index finds without reading history.
+    """
     stmt = select(Allocation.gpu_id, Allocation.user).where(
-        Allocation.host == host,
-        (Allocation.state == ACTIVE) | Allocation.access_removed_at.is_(None),
+        Allocation.host == host, Allocation.access_removed_at.is_(None)
     )
     allowed: dict[int, set[str]] = defaultdict(set)
     for gpu_id, user in session.execute(stmt):
