@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from werkzeug.serving import make_server
 
 from gpulocker import allocations, live, localapi, lockouts
 from gpulocker.cli import main
-from gpulocker.cli_client import duration, time_left
+from gpulocker.cli_client import duration, staleness_note, time_left
 from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
 from gpulocker.gpus.simulated import SimulatedBackend, write_load
@@ -201,6 +202,7 @@ def test_it_shows_every_gpu_with_holder_load_and_processes(
     assert lines[1].split()[6] == "free"
     assert "error: GPU is lost" in lines[6]
     assert "\x1b[" not in table.stdout  # no colour when not on a terminal
+    assert table.stderr == ""  # the readings are fresh
     assert "\x1b[" in coloured.stdout
 
 
@@ -224,6 +226,17 @@ def test_it_explains_when_no_agent_is_there(tmp_path: Path) -> None:
         "gpulocker: not signed in to http://gpu1.lab:5151: "
         "run `gpulocker login --server http://gpu1.lab:5151`\n"
     )
+
+
+def test_it_warns_when_the_live_readings_are_missing_or_old(runner: CliRunner) -> None:
+    result = invoke(runner, "status")
+    assert result.exit_code == 0
+    assert result.stderr == "no live readings yet (is the agent running?)\n"
+    assert len(result.stdout.splitlines()) == 7  # the table is still shown
+    old = [{"sampled_at": "2026-01-01T10:00:00+00:00"}]
+    now = datetime(2026, 1, 1, 10, 5, tzinfo=UTC)
+    assert staleness_note(old, now) == "the live readings are 5m old (is the agent running?)"
+    assert staleness_note(old, datetime(2026, 1, 1, 10, 0, 30, tzinfo=UTC)) is None
 
 
 def test_durations_read_well() -> None:

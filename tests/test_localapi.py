@@ -313,3 +313,30 @@ def test_the_agent_serves_the_socket_and_a_grant_waits_for_access(
         stop.set()
         thread.join(timeout=30)
     assert not path.exists()  # the socket goes with the agent
+
+
+def test_one_user_cannot_take_every_connection(
+    server: localapi.Server, socket_path: Path, users: dict[str, TestUser]
+) -> None:
+    def open_one(ask: bool = True) -> tuple[socket.socket, Any]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(socket_path))
+        if ask:
+            sock.sendall(b'{"op": "me"}\n')
+        return sock, sock.makefile("rb")
+
+    held = [open_one() for _ in range(localapi.MAX_PER_USER)]
+    try:
+        assert all(json.loads(r.readline())["result"]["username"] == "root" for _, r in held)
+        extra, reader = open_one(ask=False)  # refused at once, before it could ask
+        assert json.loads(reader.readline())["error"] == {
+            "code": "busy",
+            "message": f"you have {localapi.MAX_PER_USER} connections open already",
+        }
+        extra.close()
+        assert call_as(users[BOB], socket_path, "me")["result"]["username"] == BOB
+    finally:
+        for sock, reader in held:
+            reader.close()
+            sock.close()
+    wait_for(lambda: call_as(None, socket_path, "me", as_uid=0).get("result"), timeout=5)

@@ -34,6 +34,7 @@ from gpulocker.config import ConfigError
 
 STATES = ("active", "released", "expired", "revoked", "any")
 
+STALE_SECONDS = 60.0  # live readings older than this get a warning above the table
 Cell = tuple[str, dict[str, Any]]  # text and click.style options
 
 
@@ -221,6 +222,17 @@ def status_rows(
     return rows
 
 
+def staleness_note(gpus: list[dict[str, Any]], now: datetime | None = None) -> str | None:
+    """A warning when the live readings are missing or old: the agent may be down."""
+    times = [t for t in (_parse_time(g.get("sampled_at")) for g in gpus) if t is not None]
+    if not times:
+        return "no live readings yet (is the agent running?)"
+    age = ((now or datetime.now(UTC)) - max(times)).total_seconds()
+    if age > STALE_SECONDS:
+        return f"the live readings are {duration(age)} old (is the agent running?)"
+    return None
+
+
 def _process(proc: dict[str, Any]) -> str:
     mem = proc.get("memory_mib")
     return f"{proc.get('user')}:{proc.get('pid')}:{(mem or 0):.0f}M"
@@ -302,6 +314,9 @@ def status(client: Client, as_json: bool) -> None:
     if not gpus:
         echo("no GPUs are managed (is the agent running?)")
         return
+    note = staleness_note(gpus)
+    if note:
+        echo(click.style(note, fg="yellow"), err=True)
     headers = [
         "GPU",
         "TYPE",

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024  # bytes in one request; a longer line is refused and the connection closed
 MAX_CONNECTIONS = 128  # open at once; more are refused, so threads cannot pile up
+MAX_PER_USER = 16  # open at once per uid, so one user cannot take every connection
 IDLE_TIMEOUT = 300.0  # seconds a connection may wait between requests
 ACCESS_WAIT_SECONDS = 2.0  # how long a request waits for the agent to grant access on the files
 
@@ -287,14 +288,19 @@ def _agents_alive(ctx: Context, rows: list[Allocation]) -> bool:
 # --- the server --------------------------------------------------------------------------
 
 
-def peer_user(conn: socket.socket) -> tuple[int, str | None]:
-    """The uid of the process at the other end (from the kernel) and its user name."""
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end, as the kernel recorded it at connect."""
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", raw)
+    return int(uid)
+
+
+def user_name(uid: int) -> str | None:
+    """The user name of `uid` (None when the password database has no entry)."""
     try:
-        return uid, pwd.getpwuid(uid).pw_name
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return uid, None
+        return None
 
 
 def bind(path: Path) -> socket.socket:
@@ -352,7 +358,7 @@ class Server:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
+        self._connections: dict[socket.socket, int] = {}  # open connection -> peer uid
         self._threads: set[threading.Thread] = set()
         self._acceptor = threading.Thread(target=self._accept_loop, name="localapi", daemon=True)
 
@@ -395,29 +401,41 @@ class Server:
     def _accept(self) -> None:
         try:
             conn, _ = self._sock.accept()
+            uid = peer_uid(conn)
         except OSError:
             return
         with self._lock:
-            if len(self._connections) >= MAX_CONNECTIONS:
-                _send(conn, error("busy", "too many connections; try again"))
-                conn.close()
-                return
-            self._connections.add(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.add(thread)
+            refusal = self._refusal(uid)
+            if refusal is None:
+                self._connections[conn] = uid
+                thread = threading.Thread(target=self._serve, args=(conn, uid), daemon=True)
+                self._threads.add(thread)
+        if refusal is not None:
+            conn.settimeout(1)
+            with contextlib.suppress(OSError):
+                _send(conn, error("busy", refusal))
+            conn.close()
+            return
         thread.start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _refusal(self, uid: int) -> str | None:
+        """Why a new connection of `uid` is refused now, if it is (caller holds the lock)."""
+        if len(self._connections) >= MAX_CONNECTIONS:
+            return "too many connections; try again"
+        if sum(1 for u in self._connections.values() if u == uid) >= MAX_PER_USER:
+            return f"you have {MAX_PER_USER} connections open already"
+        return None
+
+    def _serve(self, conn: socket.socket, uid: int) -> None:
         try:
             with conn:
-                _uid, user = peer_user(conn)
                 conn.settimeout(IDLE_TIMEOUT)
-                self._converse(conn, user)
+                self._converse(conn, user_name(uid))
         except OSError as exc:
             log.debug("local connection ended: %s", exc)
         finally:
             with self._lock:
-                self._connections.discard(conn)
+                self._connections.pop(conn, None)
                 self._threads.discard(threading.current_thread())
 
     def _converse(self, conn: socket.socket, user: str | None) -> None:
