@@ -29,7 +29,7 @@ def app(ctx: Context, pam_service: str, users: dict[str, TestUser]) -> Iterator[
     """The real app on the test's database, signing in through the test PAM service."""
     assert ctx.settings.pam_service == pam_service
     application = create_app(ctx=ctx)
-    application.config["TESTING"] = True
+    application.config.update(TESTING=True, LOGIN_FAILURE_FLOOR_SECONDS=0)
     yield application
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import (
     Blueprint,
+    current_app,
     flash,
     redirect,
     render_template,
@@ -46,6 +47,7 @@ bp.register_blueprint(admin_pages.bp)
 formatting.register(bp)
 
 INBOX_PAGE = 50
+RECENT = 5
 
 
 @bp.before_request
@@ -110,7 +112,8 @@ def login() -> Page:
     if errors:
         return _login_page(username, next_url, errors, 422)
     try:
-        user = auth.authenticate(get_ctx(), username, password, client_address())
+        floor = current_app.config.get("LOGIN_FAILURE_FLOOR_SECONDS", auth.FAILURE_FLOOR_SECONDS)
+        user = auth.authenticate(get_ctx(), username, password, client_address(), floor)
     except auth.Throttled as exc:
         minutes = max(1, math.ceil(exc.retry_after / 60))
         message = f"Too many failed sign-ins. Try again in about {minutes} min."
@@ -152,6 +155,7 @@ def _dashboard(form: RequestForm, status: int = 200, errors: dict[str, str] | No
         mine = sorted(allocations.list_for(session, ctx.settings, user), key=lambda a: a.gpu_id)
         types = inventory.type_counts(session)
         lockout = lockouts.active(session, user)
+        recent = inbox.list_for(session, user, limit=RECENT)
     if not form.gpu_type and types:
         form.gpu_type = max(types, key=lambda t: (types[t]["free"], t))
     html = render_template(
@@ -161,6 +165,7 @@ def _dashboard(form: RequestForm, status: int = 200, errors: dict[str, str] | No
         multi_host=len({a.host for a in mine}) > 1,
         types=types,
         lockout=lockout,
+        recent=recent,
         form=form,
         errors={**form.errors, **(errors or {})},
         max_hours=ctx.settings.max_allocation_hours,

@@ -155,9 +155,9 @@
       width: width,
       height: 150,
       cursor: { drag: { x: false, y: false } },
-      legend: { show: true, live: true },
+      legend: { show: false },
       scales: { y: { range: [0, 100] } },
-      axes: [axis, Object.assign({ size: 40, values: function (u, vals) { return vals.map(function (v) { return v + "%"; }); } }, axis)],
+      axes: [axis, Object.assign({ size: 52, values: function (u, vals) { return vals.map(function (v) { return v + "%"; }); } }, axis)],
       series: [
         {},
         { label: "util", stroke: cssVar("--bar-util"), width: 2, fill: cssVar("--bar-util") + "22", value: function (u, v) { return v === null ? "—" : v.toFixed(0) + "%"; } },
