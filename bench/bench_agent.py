@@ -9,8 +9,9 @@
 2. Tick CPU: with 8 and with 64 simulated GPUs and ~200 idle processes on the host holding
    the device files open (as root, so exempt: no kills), the CPU time (`process_time`) of
    one forced tick (every step runs) and of one plain 0.2 s poll tick (nothing due but the
-   change check). Baseline in the same run: one bare /proc scan for the device files
-   (`procfs.holders`), the least any sampler must do.
+   change check), and the share of a core the running loop takes over 10 s. Baseline in
+   the same run: one bare /proc scan for the device files (`procfs.holders`), the least
+   any sampler must do.
 
 Needs root (ACLs, an account to grant to).
 
@@ -163,6 +164,7 @@ def tick_cpu(ctx: Context) -> dict[str, float]:
             agent.tick()
             poll.append(time.process_time() - began)
         seen = sum(len(s.processes) for s in agent.samples.values())
+        loop = loop_cpu_share(agent)
     finally:
         for proc in procs:
             proc.kill()
@@ -173,7 +175,20 @@ def tick_cpu(ctx: Context) -> dict[str, float]:
         "poll": statistics.median(poll) * 1000,
         "scan": statistics.median(scan) * 1000,
         "seen": seen,
+        "loop": loop,
     }
+
+
+def loop_cpu_share(agent: Agent, seconds: float = 10.0) -> float:
+    """Percent of one core the agent's own loop uses when nothing changes."""
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    began_cpu, began = time.process_time(), time.perf_counter()
+    thread.start()
+    time.sleep(seconds)
+    stop.set()
+    thread.join(timeout=10)
+    return 100 * (time.process_time() - began_cpu) / (time.perf_counter() - began)
 
 
 def main() -> int:
@@ -220,7 +235,7 @@ def main() -> int:
                 f"  {kind:10s} {gpus:2d} GPUs: forced tick {cpu['forced']:7.2f} ms CPU, "
                 f"poll tick {cpu['poll']:6.2f} ms | /proc scan baseline {cpu['scan']:6.2f} ms "
                 f"| forced/scan {cpu['forced'] / cpu['scan']:5.1f}x "
-                f"| {int(cpu['seen'])} processes seen"
+                f"| loop {cpu['loop']:4.1f}% of a core | {int(cpu['seen'])} processes seen"
             )
     return 0
 
