@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +28,7 @@ from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
 from gpulocker.gpus.simulated import SimulatedBackend, write_load
 from gpulocker.models import ACTIVE, RELEASED, Allocation, Notification
-from tests.helpers import ADMIN, ALICE, BOB, TestUser, hold_open_as
+from tests.helpers import ADMIN, ALICE, BOB, EACCES, TestUser, hold_open_as, try_open_as
 
 
 @pytest.fixture
@@ -439,3 +441,48 @@ def test_the_terminal_commands_start_without_the_database_or_web_libraries() -> 
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout == "[]\n"  # every command pays for what it imports at start
+
+
+def test_gpulocker_agent_serves_the_commands_end_to_end(
+    settings: Any, device_dir: Path, users: dict[str, TestUser], tmp_path: Path
+) -> None:
+    sock = device_dir.parent / "agent.sock"
+    env = {
+        "PATH": os.environ["PATH"],
+        "DATABASE_URL": settings.database_url,
+        "STATE_DIR": str(tmp_path / "state"),
+        "DEVICE_DIR": str(device_dir),
+        "GPU_BACKEND": "simulated",
+        "GPU_CONFIG": json.dumps(settings.gpu_config),
+        "GPU_HOST": settings.gpu_host,
+        "PRIVILEGED_USERS": ADMIN,
+        "SOCKET_PATH": str(sock),
+        "RECONCILE_SECONDS": "1",
+    }
+    log = (tmp_path / "agent.log").open("w")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "gpulocker", "agent"], env=env, cwd="/", stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.is_socket():
+            assert agent.poll() is None, (tmp_path / "agent.log").read_text()
+            assert time.monotonic() < deadline, "the agent did not open its socket"
+            time.sleep(0.1)
+        user_env = {"GPULOCKER_SOCKET": str(sock)}
+        granted = run_as(
+            users[ALICE], "request", "-t", "a100", "-n", "1", "--hours", "1", env=user_env
+        )
+        assert granted.returncode == 0, granted.stderr
+        assert granted.stdout == "export CUDA_VISIBLE_DEVICES=4\n"
+        assert "within seconds" not in granted.stderr  # it answered once access was applied
+        assert try_open_as(users[ALICE], str(device_dir / "nvidia4")) == 0
+        assert try_open_as(users[BOB], str(device_dir / "nvidia4")) == EACCES
+        status = json.loads(run_as(users[BOB], "status", "--json", env=user_env).stdout)
+        assert {g["gpu_id"]: g["holder"] for g in status["gpus"]}[4] == ALICE
+        assert all(g["sampled_at"] for g in status["gpus"])  # the agent's live readings
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=30)
+        log.close()
+    assert not sock.exists()  # the agent removes its socket when it stops
