@@ -84,7 +84,10 @@ class SocketClient:
                 ) from None
         if not line:
             raise ClientError("unreachable", f"the agent at {self.path} closed the connection")
-        answer = _raise_for(json.loads(line))
+        try:
+            answer = _raise_for(json.loads(line))
+        except ValueError:
+            raise ClientError("protocol", f"the agent at {self.path} sent no JSON") from None
         return dict(answer.get("result") or {})
 
 
@@ -301,50 +304,11 @@ def _allocation(answer: Any) -> dict[str, Any]:
 
 
 def normalize_status(answer: Any) -> dict[str, Any]:
-    """/api/gpu_status in the shape of the socket's `status` (gpulocker.gpustatus)."""
-    gpus = answer.get("gpus", []) if isinstance(answer, dict) else answer
-    if not isinstance(gpus, list):
+    """/api/gpu_status is built by the same function as the socket's `status`
+    (gpulocker.gpustatus.snapshot); check that it looks like it."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("gpus"), list):
         raise ClientError("protocol", "the server's GPU status has no list of GPUs")
-    rows = [_status_row(g) for g in gpus if isinstance(g, dict)]
-    maintenance = bool(answer.get("maintenance")) if isinstance(answer, dict) else False
-    return {"gpus": rows, "maintenance": maintenance}
-
-
-def _first(data: dict[str, Any], *names: str) -> Any:
-    for name in names:
-        if data.get(name) is not None:
-            return data[name]
-    return None
-
-
-def _status_row(gpu: dict[str, Any]) -> dict[str, Any]:
-    """Accept the field names of gpustatus and the usual alternatives of a status API."""
-    holder = gpu.get("holder")
-    allocation: dict[str, Any] = (
-        gpu["allocation"] if isinstance(gpu.get("allocation"), dict) else {}
-    )
-    if isinstance(holder, dict):
-        allocation, holder = holder, holder.get("user")
-    sample = gpu.get("live") or gpu.get("sample") or {}
-    merged = {**sample, **gpu} if isinstance(sample, dict) else dict(gpu)
-    return {
-        "host": _first(merged, "host") or "",
-        "gpu_id": _first(merged, "gpu_id", "id", "index"),
-        "gpu_type": _first(merged, "gpu_type", "type") or "",
-        "name": _first(merged, "name") or "",
-        "device": _first(merged, "device") or "",
-        "healthy": merged.get("healthy", merged.get("ok", True)),
-        "error": _first(merged, "error"),
-        "utilization": _first(merged, "utilization", "utilization_percent", "util"),
-        "memory_used_mib": _first(merged, "memory_used_mib", "memory_used"),
-        "memory_total_mib": _first(merged, "memory_total_mib", "memory_total"),
-        "temperature_c": _first(merged, "temperature_c", "temperature"),
-        "power_w": _first(merged, "power_w", "power"),
-        "holder": holder or _first(allocation, "user"),
-        "allocation_id": _first(merged, "allocation_id") or _first(allocation, "id"),
-        "expires_at": _first(merged, "expires_at") or _first(allocation, "expires_at"),
-        "processes": [p for p in merged.get("processes") or [] if isinstance(p, dict)],
-    }
+    return answer
 
 
 def socket_candidates() -> list[Path]:
