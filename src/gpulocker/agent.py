@@ -130,17 +130,19 @@ class Agent:
 
     # --- the loop
 
-    def start(self) -> None:
-        """First thing: put this host's GPUs in the inventory and restore the right access."""
+    def start(self) -> bool:
+        """First thing: put this host's GPUs in the inventory and restore the right access.
+        True when a file had to be corrected."""
         self.started = True
         self.register()
-        self.reconcile()
+        changed = self.reconcile()
         self._next_full = time.monotonic() + self.settings.reconcile_seconds
+        return changed
 
     def tick(self, force: bool = False) -> dict[str, bool]:
         """Run every due step once (every step when `force`); returns step -> found work."""
         if not self.started:
-            self.start()
+            self._run_step(Step("start", Agent.start, lambda s: 0.0))
         began = time.monotonic()
         results = {}
         for step in self.steps:
