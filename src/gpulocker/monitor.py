@@ -49,13 +49,10 @@ def record(
     if not fresh:
         return 0
     with ctx.db.transaction() as session:
-        holders = dict(
-            session.execute(
-                select(Allocation.gpu_id, Allocation.user).where(
-                    Allocation.host == host, Allocation.state == ACTIVE
-                )
-            ).tuples()
+        active = select(Allocation.gpu_id, Allocation.user).where(
+            Allocation.host == host, Allocation.state == ACTIVE
         )
+        holders = {gpu_id: user for gpu_id, user in session.execute(active)}
         session.add_all(
             GpuSample(
                 host=host,

@@ -244,8 +244,8 @@ def check_idle(
             GpuSample.at <= now,
         )
         .order_by(GpuSample.at)
-    ).tuples()
-    if not idle_throughout(settings, list(samples), start, now):
+    )
+    if not idle_throughout(settings, [(at, u, m) for at, u, m in samples], start, now):
         return None
     hours = f"{settings.revoke_idle_gpu_after_hours:g} h"
     if _busy(processes) and not settings.force_revoke:
