@@ -193,6 +193,11 @@ def test_it_refuses_bad_input_clearly_and_loses_nothing(
             "unknown GPU type 'h100'"
         ),
         '{"op": "allocations.extend", "args": {"id": 1, "hours": 1e9}}': "hours must be at most",
+        '{"op": "allocations.get", "args": {"id": 99999999999999999999}}': "id must be a whole",
+        '{"op": "lockouts.lift", "args": {"user": "a\\u0000b"}}': "user must be a string",
+        '{"op": "allocations.request", "args": {"gpu_type": "4090", "hours": NaN, "count": 1}}': (
+            "hours must be a number"
+        ),
     }
     for line, message in cases.items():
         answer = raw_as(alice, socket_path, line)

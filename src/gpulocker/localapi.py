@@ -56,15 +56,21 @@ class Param:
     default: Any = REQUIRED
 
 
+INT_LIMIT = 2**31  # ids and counts fit the database's integer columns
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -INT_LIMIT < value < INT_LIMIT
+
+
 _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    # No NUL characters: PostgreSQL text cannot hold them.
+    "str": (lambda v: isinstance(v, str) and "\x00" not in v, "a string without NUL characters"),
+    "int": (_is_int, "a whole number"),
     "number": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "int_list": (
-        lambda v: (
-            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-        ),
+        lambda v: isinstance(v, list) and all(_is_int(i) for i in v),
         "a list of whole numbers",
     ),
 }
