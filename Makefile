@@ -37,5 +37,9 @@ bench: setup
 	scripts/services.sh
 	for b in bench/bench_*.py; do echo "== $$b"; $(VENV)/bin/python $$b || exit 1; done
 
+screenshots: setup
+	scripts/system-deps.sh test
+	$(VENV)/bin/python scripts/screenshots.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,6 @@
 """Regenerate docs/screenshots/: the dashboard, schedule and admin pages at desktop and
-phone width (`make screenshots`).
+phone width (`make screenshots`). `--all DIR` also saves the other pages and dark mode
+to DIR, for checking the look of every page.
 
 It runs the real product (`python -m gpulocker serve --simulate`) on a free port with a
 fresh state directory seeded with demo data: a few allocations, a week of utilization
@@ -165,15 +166,25 @@ def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[
     raise SystemExit(f"the server did not come up:\n{log.read_text()[-3000:]}")
 
 
-def shoot(browser: Browser, url: str, cookie: dict[str, str], name: str, path: str) -> None:
-    """Save `name`-desktop.png and `name`-phone.png of one page."""
+def shoot(
+    browser: Browser,
+    url: str,
+    cookie: dict[str, str] | None,
+    name: str,
+    path: str,
+    out: Path = OUT,
+    scheme: str = "light",
+) -> None:
+    """Save `name`-desktop.png and `name`-phone.png of one page (`name`-dark-… in dark)."""
+    suffix = "-dark" if scheme == "dark" else ""
     for size, (width, height) in VIEWPORTS.items():
         context: BrowserContext = browser.new_context(
             viewport={"width": width, "height": height},
-            color_scheme="light",
+            color_scheme="dark" if scheme == "dark" else "light",
             device_scale_factor=1 if size == "desktop" else 2,
         )
-        context.add_cookies([{**cookie, "url": url}])
+        if cookie is not None:
+            context.add_cookies([{**cookie, "url": url}])
         page = context.new_page()
         page.goto(url + path)
         if name == "schedule":
@@ -181,13 +192,29 @@ def shoot(browser: Browser, url: str, cookie: dict[str, str], name: str, path: s
             for button in page.locator('button[data-hours="24"]').all():
                 button.click()
             page.wait_for_timeout(1500)
-        page.screenshot(path=str(OUT / f"{name}-{size}.png"), full_page=True)
-        print(f"wrote docs/screenshots/{name}-{size}.png")
+        target = out / f"{name}{suffix}-{size}.png"
+        page.screenshot(path=str(target), full_page=True)
+        print(f"wrote {target}")
         context.close()
+
+
+def extra_pages(browser: Browser, url: str, ctx: Context, out: Path) -> None:
+    """With --all DIR: the other pages too, and dark mode (for checking, not committed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    user, admin = session_cookie(ctx, USER), session_cookie(ctx, ADMIN)
+    shoot(browser, url, None, "login", "/login", out)
+    for name, path in (("notifications", "/notifications"), ("settings", "/settings")):
+        shoot(browser, url, user, name, path, out)
+    shoot(browser, url, user, "schedule", "/schedule", out, "dark")
+    shoot(browser, url, user, "dashboard", "/", out, "dark")
+    for name, path in (("events", "/admin/events"), ("reset", "/admin/reset")):
+        shoot(browser, url, admin, name, path, out)
+    shoot(browser, url, admin, "admin", "/admin/", out, "dark")
 
 
 def main() -> None:
     """Seed, serve, sign in, photograph, clean up."""
+    extra = Path(sys.argv[sys.argv.index("--all") + 1]) if "--all" in sys.argv else None
     base = Path(tempfile.mkdtemp(prefix="gpulocker-screenshots-", dir="/tmp"))
     base.chmod(0o755)
     env = environment(base)
@@ -208,6 +235,8 @@ def main() -> None:
             shoot(browser, url, user_cookie, "dashboard", "/")
             shoot(browser, url, user_cookie, "schedule", "/schedule")
             shoot(browser, url, session_cookie(ctx, ADMIN), "admin", "/admin/")
+            if extra is not None:
+                extra_pages(browser, url, ctx, extra)
             browser.close()
     finally:
         if proc is not None:

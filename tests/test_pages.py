@@ -383,3 +383,30 @@ def test_it_shows_my_disk_usage_once_measured(
     assert users[ALICE].home in html and 'http-equiv="refresh"' not in html
     admin_html = sign_in(app, users[ADMIN]).get("/admin/disk").get_data(as_text=True)
     assert f"<strong>{ALICE}</strong>" in admin_html
+
+
+def test_it_links_and_unlinks_telegram_from_the_settings_page(
+    ctx: Context, pam_service: str, users: dict[str, TestUser]
+) -> None:
+    from gpulocker.models import UserProfile
+    from gpulocker.notify import telegram
+
+    with_bot = Context(ctx.settings.with_overrides(telegram_bot_token="123:bot"))
+    app = create_app(ctx=with_bot)
+    app.config.update(TESTING=True, LOGIN_FAILURE_FLOOR_SECONDS=0)
+    client = sign_in(app, users[ALICE])
+    assert "Link Telegram" in client.get("/settings").get_data(as_text=True)
+    status, _ = post(client, "/settings/telegram/link", page="/settings")
+    assert status == 302
+    code = telegram.link_status(ctx.db, ALICE)["code"]
+    assert code and f"/start {code}" in client.get("/settings").get_data(as_text=True)
+    with ctx.db.transaction() as session:  # what the agent does when the bot gets the code
+        profile = session.get(UserProfile, ALICE)
+        assert profile is not None
+        profile.telegram_chat_id, profile.telegram_link_code = "4242", None
+    html = client.get("/settings").get_data(as_text=True)
+    assert "<code>4242</code>" in html and "Unlink Telegram" in html
+    status, _ = post(client, "/settings/telegram/unlink", page="/settings")
+    assert status == 302
+    assert not telegram.link_status(ctx.db, ALICE)["linked"]
+    with_bot.close()
