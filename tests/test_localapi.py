@@ -195,6 +195,9 @@ def test_it_refuses_bad_input_clearly_and_loses_nothing(
         '{"op": "allocations.extend", "args": {"id": 1, "hours": 1e9}}': "hours must be at most",
         '{"op": "allocations.get", "args": {"id": 99999999999999999999}}': "id must be a whole",
         '{"op": "lockouts.lift", "args": {"user": "a\\u0000b"}}': "user must be a string",
+        json.dumps({"op": "lockouts.lift", "args": {"user": "u" * 256}}): (
+            "user must be at most 255 characters"
+        ),
         '{"op": "allocations.request", "args": {"gpu_type": "4090", "hours": NaN, "count": 1}}': (
             "hours must be a number"
         ),

@@ -50,10 +50,12 @@ REQUIRED = object()
 
 @dataclass(frozen=True)
 class Param:
-    """One argument of an operation: its JSON kind and its default (REQUIRED if none)."""
+    """One argument of an operation: its JSON kind, its default (REQUIRED if none) and,
+    for strings, the longest accepted (names fit their 255-character columns)."""
 
     kind: str
     default: Any = REQUIRED
+    max_length: int = 255
 
 
 INT_LIMIT = 2**31  # ids and counts fit the database's integer columns
@@ -116,6 +118,8 @@ def parse_args(params: dict[str, Param], args: Any) -> dict[str, Any]:
         check, expected = _KINDS[param.kind]
         if not check(args[name]):
             raise Invalid(f"{name} must be {expected}")
+        if param.kind == "str" and len(args[name]) > param.max_length:
+            raise Invalid(f"{name} must be at most {param.max_length} characters")
         values[name] = args[name]
     return values
 
@@ -250,13 +254,15 @@ def _lift(ctx: Context, actor: str, user: str) -> dict[str, Any]:
     return {"lifted": lockouts.lift(ctx.db, ctx.settings, actor, user)}
 
 
-@operation("maintenance.set_enabled", enabled=Param("bool"), message=Param("str", ""))
+@operation(
+    "maintenance.set_enabled", enabled=Param("bool"), message=Param("str", "", max_length=1000)
+)
 def _maintenance(ctx: Context, actor: str, enabled: bool, message: str) -> dict[str, Any]:
     maintenance.set_enabled(ctx.db, ctx.settings, actor, enabled, message)
     return {"enabled": enabled}
 
 
-@operation("notify.admin_message", user=Param("str"), message=Param("str"))
+@operation("notify.admin_message", user=Param("str"), message=Param("str", max_length=4000))
 def _notify(ctx: Context, actor: str, user: str, message: str) -> dict[str, Any]:
     admin_message(ctx.db, ctx.settings, actor, user, message)
     return {"sent": True}
