@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.helpers import ADMIN, ALICE, BOB, TestUser
+from tests.helpers import ADMIN, ALICE, BOB, TestUser, hold_open_as, try_open_as, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -192,6 +192,21 @@ def test_it_takes_two_gpus_watches_them_live_and_gives_them_back(
     expect(page.locator('[data-gpu-id="2"] [data-field="status"]')).to_have_text("free")
     page.evaluate("window.__sameDocument = true")
 
+    device = str(Path(server.env["DEVICE_DIR"]) / "nvidia1")
+    wait_for(lambda: try_open_as(users[ALICE], device) == 0, timeout=15)  # the agent granted it
+    holder = hold_open_as(users[ALICE], device)
+    try:
+        procs = page.locator('[data-gpu-id="1"] [data-field="procs"]')
+        expect(procs.locator("tbody tr")).to_have_count(1, timeout=20000)
+        expect(procs.locator("tbody tr")).to_contain_text(f"{ALICE}{holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+
+    server.cli("sim", "load", "5", "--error", "GPU is lost")
+    expect(page.locator('[data-gpu-id="5"] [data-field="status"]')).to_have_text(
+        "unhealthy", timeout=20000
+    )
     server.cli("sim", "load", "0", "--util", "77", "--mem-mib", "6144")
     card0 = page.locator('[data-gpu-id="0"]')
     expect(card0.locator('[data-field="util-text"]')).to_have_text("77 %", timeout=20000)
@@ -200,7 +215,6 @@ def test_it_takes_two_gpus_watches_them_live_and_gives_them_back(
     assert page.evaluate("window.__sameDocument === true"), "the page was reloaded"
     card0.get_by_role("button", name="24 h").click()
     expect(card0.get_by_role("button", name="24 h")).to_have_attribute("aria-pressed", "true")
-    print("chart:", card0.locator("[data-chart]").inner_text())
     expect(card0.locator("[data-chart] canvas")).to_have_count(1, timeout=20000)
 
     page.get_by_role("link", name="Dashboard").click()

@@ -117,6 +117,10 @@
   async function refresh() {
     try {
       const response = await fetch(statusUrl, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      if (response.status === 401) {
+        window.location.reload();  // signed out elsewhere: the page sends us to sign in
+        return;
+      }
       if (!response.ok) throw new Error("HTTP " + response.status);
       const data = await response.json();
       (data.gpus || []).forEach(function (gpu) {
