@@ -348,3 +348,48 @@ def test_one_user_cannot_take_every_connection(
             reader.close()
             sock.close()
     wait_for(lambda: call_as(None, socket_path, "me", as_uid=0).get("result"), timeout=5)
+
+
+WRONG_VALUES: list[Any] = ["x", 7, 2.5, True, [], {}, [1, "2"], None]
+GOOD_VALUES: dict[str, Any] = {"str": "x", "int": 1, "number": 1, "bool": True, "int_list": [1]}
+
+
+def test_every_argument_of_every_operation_is_checked(ctx: Context) -> None:
+    (row,) = allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)
+    with ctx.db.session() as s:
+        events_before = s.scalar(select(func.count()).select_from(Event))
+    checked = 0
+    for op, spec in localapi.OPERATIONS.items():
+        for name, param in spec.params.items():
+            check, _ = localapi._KINDS[param.kind]
+            for value in WRONG_VALUES:
+                if (value is None and param.default is not localapi.REQUIRED) or (
+                    value is not None and check(value)
+                ):
+                    continue  # an accepted value, not a wrong one
+                args = {n: GOOD_VALUES[p.kind] for n, p in spec.params.items()} | {name: value}
+                answer = localapi.handle(ctx, ADMIN, {"op": op, "args": args})
+                assert answer.get("error", {}).get("code") == "invalid", (op, name, value, answer)
+                assert answer["error"]["message"].startswith(f"{name} "), answer
+                checked += 1
+    assert checked > 60
+    with ctx.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Event)) == events_before
+        stored = s.get(Allocation, row.id)
+        assert stored is not None and stored.state == ACTIVE
+
+
+def test_no_well_typed_request_is_an_internal_error(ctx: Context) -> None:
+    allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)
+    for actor in (ALICE, ADMIN):
+        for op, spec in localapi.OPERATIONS.items():
+            args = {n: GOOD_VALUES[p.kind] for n, p in spec.params.items()}
+            answer = localapi.handle(ctx, actor, {"op": op, "args": args})
+            assert "result" in answer or answer["error"]["code"] not in (
+                "internal",
+                "unavailable",
+            ), (
+                actor,
+                op,
+                answer,
+            )
