@@ -250,3 +250,31 @@ def test_it_links_a_chat_with_a_start_code(tg_ctx: Context, fake: FakeTelegram) 
     assert "t.me/gpulocker_test_bot?start=abc" in telegram.link_instructions(
         "abc", "gpulocker_test_bot"
     )
+
+
+def test_the_agent_delivers_in_the_background_and_after_a_restart(
+    tg_settings: Settings, db: Database, fake: FakeTelegram
+) -> None:
+    from gpulocker.agent import Agent
+    from gpulocker.background import worker_for
+
+    link(db, ALICE, ALICE_CHAT)
+    fake.stop()
+    first = Agent(Context(tg_settings))
+    allocations.request(db, tg_settings, ALICE, "4090", 1, 1)
+    say(first.ctx, "second", users=[ALICE])
+    assert first.tick(force=True)["outbox"] is True  # a delivery thread started
+    assert worker_for(first, "outbox").join(timeout=30)
+    assert [r.attempts for r in pending_rows(db)] == [1, 0]
+    first.close()
+    first.ctx.close()  # the agent is gone; the messages are in the database
+
+    fake.start()
+    second = Agent(Context(tg_settings))
+    with time_machine.travel(utcnow() + timedelta(seconds=outbox.FIRST_RETRY_SECONDS + 1)):
+        assert second.tick(force=True)["outbox"] is True
+        assert worker_for(second, "outbox").join(timeout=30)
+    second.close()
+    second.ctx.close()
+    assert [text.split(" (")[0] for _, text in fake.sent] == ["You have GPU(s) 0", "second"]
+    assert pending_rows(db) == []
