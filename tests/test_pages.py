@@ -410,3 +410,23 @@ def test_it_links_and_unlinks_telegram_from_the_settings_page(
     assert status == 302
     assert not telegram.link_status(ctx.db, ALICE)["linked"]
     with_bot.close()
+
+
+def test_it_creates_shows_once_and_revokes_an_api_token(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    from gpulocker import tokens
+
+    client = sign_in(app, users[ALICE])
+    assert "No API tokens." in client.get("/settings").get_data(as_text=True)
+    status, html = post(client, "/settings/tokens", page="/settings", name="laptop")
+    assert status == 200 and "Copy it now" in html
+    raw = re.search(r'<code id="new-token">([^<]+)</code>', html)
+    assert raw and tokens.authenticate(ctx.db, raw.group(1)) is not None
+    listed = client.get("/settings").get_data(as_text=True)
+    assert "<strong>laptop</strong>" in listed and raw.group(1) not in listed
+    with ctx.db.session() as session:
+        (row,) = tokens.list_for(session, ALICE)
+    status, _ = post(client, f"/settings/tokens/{row.id}/revoke", page="/settings")
+    assert status == 302
+    assert tokens.authenticate(ctx.db, raw.group(1)) is None

@@ -23,7 +23,16 @@ from flask import (
 from markupsafe import Markup
 from werkzeug.wrappers import Response as BaseResponse
 
-from gpulocker import allocations, auth, gpustatus, inbox, inventory, lockouts, maintenance
+from gpulocker import (
+    allocations,
+    auth,
+    gpustatus,
+    inbox,
+    inventory,
+    lockouts,
+    maintenance,
+    tokens,
+)
 from gpulocker.errors import GPULockerError
 from gpulocker.models import Setting, utcnow
 from gpulocker.notify import telegram
@@ -303,17 +312,21 @@ def read_all() -> BaseResponse:
 
 @bp.get("/settings")
 @login_required
-def settings_page() -> Page:
-    """Where my notifications go: link or unlink my own Telegram chat."""
+def settings_page(new_token: str = "") -> Page:
+    """Where my notifications go (link my Telegram chat), and my API tokens."""
     ctx = get_ctx()
     status = telegram.link_status(ctx.db, me())
     instructions = telegram.link_instructions(status["code"]) if status["code"] else ""
+    with ctx.db.session() as session:
+        api_tokens = tokens.list_for(session, me())
     return render_template(
         "settings.html",
         telegram_configured=bool(ctx.settings.telegram_bot_token),
         telegram=status,
         linked_at=formatting.as_datetime(status["linked_at"]),
         instructions=instructions,
+        api_tokens=api_tokens,
+        new_token=new_token,
     )
 
 
@@ -338,4 +351,29 @@ def telegram_unlink() -> BaseResponse:
         flash("Telegram unlinked: notifications now stay in the app.", "success")
     else:
         flash("No Telegram chat was linked.", "info")
+    return redirect(url_for("pages.settings_page"))
+
+
+# --- settings: API tokens -------------------------------------------------------------------
+
+
+@bp.post("/settings/tokens")
+@login_required
+def create_token() -> Page:
+    """A new API token for scripts and `gpulocker` on another machine; shown once."""
+    name = request.form.get("name", "").strip() or "web"
+    try:
+        _row, raw = tokens.create(get_ctx().db, me(), name[:255])
+    except GPULockerError as exc:
+        flash(exc.message, "error")
+        return redirect(url_for("pages.settings_page"))
+    return settings_page(new_token=raw)
+
+
+@bp.post("/settings/tokens/<int:token_id>/revoke")
+@login_required
+def revoke_token(token_id: int) -> BaseResponse:
+    """Revoke one of my API tokens."""
+    row = tokens.revoke(get_ctx().db, me(), token_id)
+    flash(f"Token {row.name!r} revoked.", "success")
     return redirect(url_for("pages.settings_page"))
