@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -143,7 +144,19 @@ def idle_processes(paths: list[str], count: int) -> list[subprocess.Popen[bytes]
     return procs
 
 
-def tick_cpu(ctx: Context) -> dict[str, float]:
+@dataclass
+class TickCost:
+    """CPU milliseconds of ticks and steps, and the loop's share of a core (percent)."""
+
+    forced: float
+    poll: float
+    scan: float
+    seen: int
+    loop: float
+    steps: dict[str, float]
+
+
+def tick_cpu(ctx: Context) -> TickCost:
     """CPU milliseconds: one forced tick, one poll tick, and the /proc scan baseline."""
     agent = Agent(ctx)
     agent.tick(force=True)  # start: register, first reconcile, warm caches
@@ -164,19 +177,35 @@ def tick_cpu(ctx: Context) -> dict[str, float]:
             agent.tick()
             poll.append(time.process_time() - began)
         seen = sum(len(s.processes) for s in agent.samples.values())
+        steps = step_cpu(agent)
         loop = loop_cpu_share(agent)
     finally:
         for proc in procs:
             proc.kill()
         for proc in procs:
             proc.wait()
-    return {
-        "forced": statistics.median(forced) * 1000,
-        "poll": statistics.median(poll) * 1000,
-        "scan": statistics.median(scan) * 1000,
-        "seen": seen,
-        "loop": loop,
-    }
+    return TickCost(
+        forced=statistics.median(forced) * 1000,
+        poll=statistics.median(poll) * 1000,
+        scan=statistics.median(scan) * 1000,
+        seen=seen,
+        loop=loop,
+        steps=steps,
+    )
+
+
+def step_cpu(agent: Agent, runs: int = 5) -> dict[str, float]:
+    """CPU milliseconds of each step run on its own (median), to see where a tick goes."""
+    spent: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for step in agent.steps:
+            began = time.process_time()
+            step.run(agent)
+            spent.setdefault(step.name, []).append(time.process_time() - began)
+        began = time.process_time()
+        agent.reconcile()  # the full pass over every file, not just the change poll
+        spent.setdefault("full reconcile", []).append(time.process_time() - began)
+    return {name: statistics.median(values) * 1000 for name, values in spent.items()}
 
 
 def loop_cpu_share(agent: Agent, seconds: float = 10.0) -> float:
@@ -232,10 +261,13 @@ def main() -> int:
                 cpu = tick_cpu(ctx)
                 ctx.close()
             print(
-                f"  {kind:10s} {gpus:2d} GPUs: forced tick {cpu['forced']:7.2f} ms CPU, "
-                f"poll tick {cpu['poll']:6.2f} ms | /proc scan baseline {cpu['scan']:6.2f} ms "
-                f"| forced/scan {cpu['forced'] / cpu['scan']:5.1f}x "
-                f"| loop {cpu['loop']:4.1f}% of a core | {int(cpu['seen'])} processes seen"
+                f"  {kind:10s} {gpus:2d} GPUs: forced tick {cpu.forced:7.2f} ms CPU, "
+                f"poll tick {cpu.poll:6.2f} ms | /proc scan baseline {cpu.scan:6.2f} ms "
+                f"| forced/scan {cpu.forced / cpu.scan:5.1f}x "
+                f"| loop {cpu.loop:4.1f}% of a core | {cpu.seen} processes seen"
+            )
+            print(
+                "      per step, ms CPU: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.steps.items())
             )
     return 0
 
