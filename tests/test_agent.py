@@ -314,6 +314,7 @@ def agent_env(settings: Settings) -> dict[str, str]:
         "RECONCILE_SECONDS": "5",
         "KILL_GRACE_SECONDS": "1",
         "SECRET_KEY": "test-secret-key",
+        "SOCKET_PATH": str(settings.local_socket_path),  # never the system's /run/gpulocker
     }
 
 
