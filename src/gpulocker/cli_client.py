@@ -333,7 +333,9 @@ def status(client: Client, as_json: bool) -> None:
 
 @click.command("request")
 @click.option("-t", "--type", "gpu_type", required=True, help="GPU type, e.g. 4090.")
-@click.option("-n", "--count", type=click.IntRange(min=1), default=None, help="How many GPUs.")
+@click.option(
+    "-n", "--count", type=click.IntRange(min=1), default=None, help="How many GPUs (default 1)."
+)
 @click.option("--hours", type=float, required=True, help="For how long (e.g. 0.5, 24).")
 @click.option("--gpu-ids", default=None, help="Exactly these GPUs, e.g. 0,1.")
 @json_option
@@ -402,7 +404,9 @@ def _release(
     client: Client, ids: tuple[int, ...], release_all: bool, user: str | None, as_json: bool
 ) -> None:
     if bool(ids) == bool(release_all or user):
-        raise ClientError("invalid", "give allocation IDs or --all, not both and not neither")
+        raise ClientError(
+            "invalid", "give allocation IDs or --all (admins: --user), not both and not neither"
+        )
     if not ids:
         answer = client.call("allocations.release_all", user=user)
         if as_json:
@@ -595,7 +599,9 @@ def admin_notify(client: Client, user: str, message: str, as_json: bool) -> None
 @admin.command("allocate")
 @click.argument("user")
 @click.option("-t", "--type", "gpu_type", required=True, help="GPU type, e.g. 4090.")
-@click.option("-n", "--count", type=click.IntRange(min=1), default=None, help="How many GPUs.")
+@click.option(
+    "-n", "--count", type=click.IntRange(min=1), default=None, help="How many GPUs (default 1)."
+)
 @click.option("--hours", type=float, required=True, help="For how long.")
 @click.option("--gpu-ids", default=None, help="Exactly these GPUs, e.g. 0,1.")
 @json_option
