@@ -255,3 +255,24 @@ def test_it_lets_an_admin_release_another_users_gpu_and_see_it_logged(
     bob.reload()
     expect(bob.get_by_text("You hold no GPUs right now.")).to_be_visible()
     expect(bob.get_by_test_id("unread-count")).to_have_text("2")
+
+
+def test_it_fits_a_phone_and_follows_the_dark_system_setting(
+    server: Server, browser: Browser, users: dict[str, TestUser]
+) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="dark")
+    context.set_default_timeout(15000)
+    page = context.new_page()
+    try:
+        sign_in(page, server, users[ADMIN])
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(14, 17, 22)"
+        for path in ("/", "/schedule", "/notifications", "/settings", "/admin/", "/admin/events"):
+            page.goto(server.url + path)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"{path} is {width} px wide on a 390 px phone"
+        page.goto(server.url + "/")
+        page.keyboard.press("Tab")  # the first stop is the skip link, then the navigation
+        assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    finally:
+        context.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from html.parser import HTMLParser
 
 import pytest
 from flask import Flask
@@ -430,3 +431,32 @@ def test_it_creates_shows_once_and_revokes_an_api_token(
     status, _ = post(client, f"/settings/tokens/{row.id}/revoke", page="/settings")
     assert status == 302
     assert tokens.authenticate(ctx.db, raw.group(1)) is None
+
+
+class _Controls(HTMLParser):
+    """Collects form controls and the ids that <label for=...> points at."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.controls: list[dict[str, str | None]] = []
+        self.labelled: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if tag == "label" and found.get("for"):
+            self.labelled.add(str(found["for"]))
+        if tag in ("input", "select", "textarea") and found.get("type") != "hidden":
+            self.controls.append(found)
+
+
+def test_it_labels_every_form_control(app: Flask, ctx: Context, users: dict[str, TestUser]) -> None:
+    allocations.request(ctx.db, ctx.settings, ADMIN, "4090", 1, 1)
+    client = sign_in(app, users[ADMIN])
+    pages = ("/", "/settings", "/admin/", "/admin/events", "/admin/reset")
+    for path in pages:
+        parser = _Controls()
+        parser.feed(client.get(path).get_data(as_text=True))
+        assert parser.controls, path
+        for control in parser.controls:
+            named = control.get("aria-label") or control.get("id") in parser.labelled
+            assert named, f"{path}: a control without a label: {control}"
