@@ -112,7 +112,7 @@ def test_it_undoes_drift_within_reconcile_seconds(
     subprocess.run(["setfacl", "-m", f"u:{bob.name}:rw", path], check=True)
     began = time.monotonic()
     wait_for(lambda: access.compliant(access.read(path), [alice.uid]), timeout=5, interval=0.02)
-    assert time.monotonic() - began <= settings.reconcile_seconds + POLL_SECONDS + 0.2
+    assert time.monotonic() - began <= settings.reconcile_seconds + POLL_SECONDS + 0.5
     assert try_open_as(bob, path) == EACCES
     assert try_open_as(alice, path) == 0
     wait_for(lambda: kinds(db, "drift"))
