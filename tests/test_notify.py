@@ -96,6 +96,7 @@ def test_it_keeps_messages_while_telegram_is_down_and_sends_them_later(
     assert rows[0].attempts == 1 and "unreachable" in (rows[0].last_error or "")
     assert fake.token not in (rows[0].last_error or "")  # the token never leaks into errors
     assert rows[1].attempts == 0  # waiting behind the first: order is kept
+    assert outbox.stats(db)["pending"] == 3
     ctx.close()  # the agent stops...
 
     fake.start()  # ...Telegram comes back on the same address...
@@ -156,6 +157,7 @@ def test_it_gives_up_on_a_chat_telegram_refuses_and_goes_on(
     ]
     assert "chat not found" in (rows[0].last_error or "")
     assert fake.sent == [("777", "to bob")]
+    assert outbox.stats(tg_ctx.db) == {"pending": 0, "failed": 2, "oldest_pending_seconds": 0.0}
 
 
 def test_it_sends_each_message_once_with_two_senders(tg_ctx: Context, fake: FakeTelegram) -> None:

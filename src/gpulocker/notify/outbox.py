@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from gpulocker.background import Worker, worker_for
@@ -212,6 +212,20 @@ def has_due(db: Database, now: datetime | None = None) -> bool:
             .limit(1)
         )
         return session.scalar(stmt) is not None
+
+
+def stats(db: Database, now: datetime | None = None) -> dict[str, float | int]:
+    """For health and metrics: messages waiting, given up, and the oldest wait in seconds."""
+    now = now or utcnow()
+    waiting = (OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None))
+    with db.session() as session:
+        pending_count = session.scalar(select(func.count()).where(*waiting)) or 0
+        failed_count = (
+            session.scalar(select(func.count()).where(OutboxMessage.failed_at.is_not(None))) or 0
+        )
+        oldest = session.scalar(select(func.min(OutboxMessage.created_at)).where(*waiting))
+    age = (now - oldest).total_seconds() if oldest is not None else 0.0
+    return {"pending": pending_count, "failed": failed_count, "oldest_pending_seconds": age}
 
 
 def _deliver_quietly(ctx: Context) -> None:
