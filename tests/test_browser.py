@@ -191,6 +191,7 @@ def test_it_takes_two_gpus_watches_them_live_and_gives_them_back(
         expect(card.locator('[data-field="holder"]')).to_have_text(ALICE)
     expect(page.locator('[data-gpu-id="2"] [data-field="status"]')).to_have_text("free")
     page.evaluate("window.__sameDocument = true")
+    expect(page.locator("[data-live-text]")).to_contain_text("updated")  # fresh readings
 
     device = str(Path(server.env["DEVICE_DIR"]) / "nvidia1")
     wait_for(lambda: try_open_as(users[ALICE], device) == 0, timeout=15)  # the agent granted it

@@ -13,7 +13,6 @@
   const refreshMs = Math.max(1000, parseFloat(grid.dataset.refresh || "2") * 1000);
   const totals = {};  // "host/id" -> memory_total_mib, for memory as a percentage
   const charts = {};  // "host/id" -> {plot, hours}
-  let failures = 0;
 
   function fmtPct(v) { return v === null || v === undefined ? "—" : Math.round(v) + " %"; }
   function fmtUnit(v, unit) { return v === null || v === undefined ? "—" : Math.round(v) + " " + unit; }
@@ -114,6 +113,17 @@
     if (label) label.textContent = text;
   }
 
+  /** A warning when the agent's readings are missing or old (the agent is down?), else "". */
+  function staleness(gpus) {
+    const limit = Math.max(30000, 3 * refreshMs);
+    const times = gpus.map(function (g) { return g.sampled_at ? Date.parse(g.sampled_at) : NaN; });
+    if (!gpus.length || times.some(isNaN)) return "no live readings from the agent yet";
+    const oldest = Math.min.apply(null, times);
+    const age = Date.now() - oldest;
+    if (age > limit) return "readings are " + window.GPULocker.durationText(age / 1000) + " old: is the agent running?";
+    return "";
+  }
+
   async function refresh() {
     try {
       const response = await fetch(statusUrl, { credentials: "same-origin", headers: { Accept: "application/json" } });
@@ -127,10 +137,10 @@
         const card = grid.querySelector('[data-gpu="' + CSS.escape(gpu.host + "/" + gpu.gpu_id) + '"]');
         if (card) updateCard(card, gpu);
       });
-      failures = 0;
-      setLive(true, "updated " + new Date().toLocaleTimeString());
+      const stale = staleness(data.gpus || []);
+      if (stale) setLive(false, stale);
+      else setLive(true, "updated " + new Date().toLocaleTimeString());
     } catch (err) {
-      failures += 1;
       setLive(false, "cannot reach the server (" + err.message + "); retrying");
     }
   }
