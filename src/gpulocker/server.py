@@ -76,7 +76,7 @@ def post_fork(server: Any, worker: Any) -> None:
         ctx.db.engine.dispose(close=False)
 
 
-class GunicornServer(BaseApplication):  # type: ignore[misc]
+class GunicornServer(BaseApplication):
     """Gunicorn serving a WSGI app built by `load_app` (called once, in the master)."""
 
     def __init__(self, load_app: Callable[[], Any], options: dict[str, Any]) -> None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import importlib.util
 from datetime import timedelta
 
-from flask import Flask
+from flask import Flask, Response, request
 
 from gpulocker import tokens
 from gpulocker.config import Settings, load_settings, resolve_secret_key
 from gpulocker.context import Context, open_context
 from gpulocker.web import errors, session
+from gpulocker.web.status_cache import CHANGES, STATUS_CACHE, ChangeCounter, StatusCache
 
 MAX_BODY_BYTES = 1024 * 1024
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def create_app(settings: Settings | None = None, ctx: Context | None = None) -> Flask:
@@ -37,6 +39,16 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
         LOGIN_VIEW="pages.login",
     )
     app.extensions["gpulocker"] = ctx
+    changes = app.extensions[CHANGES] = ChangeCounter()
+    app.extensions[STATUS_CACHE] = StatusCache(changes)
+
+    @app.after_request
+    def note_changes(response: Response) -> Response:
+        """A successful write through this server invalidates the caches of every worker."""
+        if request.method not in SAFE_METHODS and response.status_code < 400:
+            changes.bump()
+        return response
+
     app.jinja_env.globals.update(
         csrf_token=session.csrf_token,
         current_user=session.current_user,

@@ -12,14 +12,13 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app
 from sqlalchemy import select
 
 from gpulocker import (
     allocations,
     auth,
     events,
-    gpustatus,
     heartbeat,
     history,
     inbox,
@@ -34,7 +33,14 @@ from gpulocker.notify import admin_message
 from gpulocker.web import schemas as s
 from gpulocker.web.errors import Unauthorized
 from gpulocker.web.openapi import document, endpoint
-from gpulocker.web.session import client_address, current_user, get_ctx, is_admin
+from gpulocker.web.session import (
+    client_address,
+    current_user,
+    forget_tokens,
+    get_ctx,
+    is_admin,
+)
+from gpulocker.web.status_cache import STATUS_CACHE, StatusCache
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -63,17 +69,24 @@ def me() -> str:
     summary="Every GPU with its live sample, holder, expiry and processes (the original "
     "endpoint). Anonymous callers get the metrics only, when PUBLIC_GPU_STATUS.",
 )
-def gpu_status() -> dict[str, Any]:
+def gpu_status() -> Response:
     ctx = get_ctx()
     signed_in = current_user() is not None
     if not signed_in and not ctx.settings.public_gpu_status:
         raise Unauthorized("sign in to see the GPU status")
-    return gpustatus.snapshot(ctx, with_users=signed_in)
+    return _status_response(signed_in)
 
 
 @endpoint(bp, "GET", "/v1/gpus", response=s.GpuStatus, summary="The GPU inventory with status")
-def gpus() -> dict[str, Any]:
-    return gpustatus.snapshot(get_ctx(), with_users=True)
+def gpus() -> Response:
+    return _status_response(with_users=True)
+
+
+def _status_response(with_users: bool) -> Response:
+    """The (cached) status as JSON; never stored by a shared cache, since holders are names."""
+    cache: StatusCache = current_app.extensions[STATUS_CACHE]
+    body = cache.body(get_ctx(), with_users)
+    return Response(body, mimetype="application/json", headers={"Cache-Control": "no-store"})
 
 
 @endpoint(
@@ -141,6 +154,7 @@ def list_tokens() -> dict[str, Any]:
 )
 def revoke_token(token_id: int) -> dict[str, Any]:
     tokens.revoke(get_ctx().db, me(), token_id)
+    forget_tokens()
     return {"ok": True}
 
 

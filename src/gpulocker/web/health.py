@@ -82,8 +82,9 @@ def healthz() -> Any:
 def health_report() -> dict[str, Any]:
     """Database and Redis must answer (else failing); a stale agent is only degraded."""
     ctx = get_ctx()
-    database = _check(lambda: _ping_database())
-    redis = _check(lambda: ctx.redis.ping()) if ctx.redis is not None else None  # type: ignore[union-attr]
+    database = _check(_ping_database)
+    client = ctx.redis
+    redis = _check(client.ping) if client is not None else None
     agents: dict[str, dict[str, Any]] = {}
     if database["ok"]:
         with ctx.db.session() as session:

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hmac
 import secrets
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar, cast
 
@@ -22,12 +25,14 @@ from gpulocker import tokens
 from gpulocker.context import Context
 from gpulocker.errors import Forbidden
 from gpulocker.web.errors import Unauthorized
+from gpulocker.web.status_cache import CHANGES, ChangeCounter
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 _UNSET = object()
+IDENTITY_SECONDS = 5.0
 
 
 def get_ctx() -> Context:
@@ -47,21 +52,62 @@ def current_identity() -> tokens.Identity | None:
 
 def _identify() -> tokens.Identity | None:
     header = request.headers.get("Authorization", "")
-    db = get_ctx().db
     if header:
         scheme, _, raw = header.partition(" ")
         if scheme.lower() != "bearer" or not raw.strip():
             return None
-        identity = tokens.authenticate(db, raw.strip())
+        identity = _authenticate(raw.strip())
         return identity if identity is not None and identity.kind == tokens.API else None
-    raw = session.get("token")
-    if not isinstance(raw, str):
+    cookie_token = session.get("token")
+    if not isinstance(cookie_token, str):
         return None
-    identity = tokens.authenticate(db, raw)
+    identity = _authenticate(cookie_token)
     if identity is None or identity.kind != tokens.WEB:
         session.clear()
         return None
     return identity
+
+
+@dataclass(frozen=True)
+class _Known:
+    identity: tokens.Identity
+    made: float
+    changes: int
+
+
+_known: dict[str, _Known] = {}
+_known_lock = threading.Lock()
+
+
+def _authenticate(raw: str) -> tokens.Identity | None:
+    """`tokens.authenticate`, remembered for a few seconds per process.
+
+    Every request of a script or a polling page carries its token; asking the database
+    each time would be most of the request's cost. A remembered token is forgotten when
+    anything is written through this server (sign-out and token revocation included,
+    which bumps the shared change counter) and after `IDENTITY_SECONDS` at most.
+    """
+    changes: ChangeCounter = current_app.extensions[CHANGES]
+    now = time.monotonic()
+    known = _known.get(raw)
+    if known is not None and known.changes == changes.value and now - known.made < IDENTITY_SECONDS:
+        return known.identity
+    counted = changes.value
+    identity = tokens.authenticate(get_ctx().db, raw)
+    with _known_lock:
+        if len(_known) > 10_000:
+            _known.clear()
+        if identity is None:
+            _known.pop(raw, None)
+        else:
+            _known[raw] = _Known(identity, now, counted)
+    return identity
+
+
+def forget_tokens() -> None:
+    """A token was revoked: every worker of this server asks the database again."""
+    changes: ChangeCounter = current_app.extensions[CHANGES]
+    changes.bump()
 
 
 def current_user() -> str | None:
@@ -98,6 +144,7 @@ def logout_user() -> None:
     identity = current_identity()
     if identity is not None and identity.kind == tokens.WEB:
         tokens.end_web_session(get_ctx().db, identity.token_id)
+        forget_tokens()
     session.clear()
     g._gpulocker_identity = None
 
