@@ -279,6 +279,20 @@ def test_a_lost_gpu_leaves_the_others_working(lab: Lab, users: dict) -> None:
     assert row.gpu_id == 0  # and allocating goes on as before
 
 
+def test_expiry_keeps_time_with_a_long_idle_period(lab: Lab) -> None:
+    lab = forced(lab, check_for_idle_gpu_hours=2.0)  # the original app's example value
+    try:
+        short = lab.request(hours=1, gpu_id=0)
+        idle = lab.request(hours=8, gpu_id=1)
+        lab.advance(13)  # 65 min
+        assert lab.state(short.id).state == EXPIRED  # expiry is checked every minute
+        assert lab.state(idle.id).state == ACTIVE  # idle for 1 h, but checked every 2 h
+        lab.advance(12)  # 125 min: the idle check's period came round
+        assert lab.state(idle.id).state == REVOKED
+    finally:
+        lab.close()
+
+
 # --- one runner
 
 

@@ -28,7 +28,9 @@ from gpulocker.notify import notify
 
 log = logging.getLogger(__name__)
 
-LEASE_NAME = "policies"
+EXPIRY_LEASE = "policies-expiry"
+IDLE_LEASE = "policies-idle"
+EXPIRY_CHECK_SECONDS = 60.0
 ACTOR = "policy"
 MIB_PER_GB = 1024.0
 
@@ -51,8 +53,14 @@ class Outcome:
         return any((self.reminded, self.grace, self.expired, self.idle_warned, self.idle_revoked))
 
 
-def run(ctx: Context, now: datetime | None = None, live_data: LiveData | None = None) -> Outcome:
-    """Apply every policy to every active allocation once. One bad row never stops the rest."""
+def run(
+    ctx: Context,
+    now: datetime | None = None,
+    live_data: LiveData | None = None,
+    idle: bool = True,
+) -> Outcome:
+    """Apply the policies to every active allocation once (the idle one only if `idle`).
+    One bad row never stops the rest."""
     now = now or utcnow()
     samples = live.read(ctx) if live_data is None else live_data
     outcome = Outcome()
@@ -61,7 +69,7 @@ def run(ctx: Context, now: datetime | None = None, live_data: LiveData | None = 
     for allocation_id in ids:
         try:
             with ctx.db.transaction() as session:
-                _apply(session, ctx.settings, allocation_id, samples, now, outcome)
+                _apply(session, ctx.settings, allocation_id, samples, now, outcome, idle)
         except Exception:  # one broken row must not stop the policies for everyone else
             log.exception("policies failed on allocation %s", allocation_id)
     return outcome
@@ -74,6 +82,7 @@ def _apply(
     samples: LiveData,
     now: datetime,
     outcome: Outcome,
+    idle: bool,
 ) -> None:
     row = session.get(Allocation, allocation_id)
     if row is None or row.state != ACTIVE:
@@ -88,6 +97,8 @@ def _apply(
         return
     if remind(session, settings, row, now):
         outcome.reminded.append(row.id)
+    if not idle:
+        return
     result = check_idle(session, settings, row, processes, now)
     if result == "revoked":
         outcome.idle_revoked.append(row.id)
@@ -276,22 +287,34 @@ def check_idle(
     return None
 
 
-def slot_seconds(settings: Settings) -> float:
-    """How long one claimed run lasts: CHECK_FOR_IDLE_GPU_HOURS, less half a step period so
-    a step that comes back a moment early does not skip a whole period."""
-    period = settings.check_for_idle_gpu_hours * 3600.0
-    return period - policies_every(settings) / 2
+def idle_period(settings: Settings) -> float:
+    """Seconds between idle checks: CHECK_FOR_IDLE_GPU_HOURS."""
+    return settings.check_for_idle_gpu_hours * 3600.0
+
+
+def expiry_period(settings: Settings) -> float:
+    """Seconds between expiry checks: CHECK_FOR_IDLE_GPU_HOURS but at most a minute, so an
+    allocation ends at its `expires_at` even with the original app's 2-hour idle period."""
+    return min(idle_period(settings), EXPIRY_CHECK_SECONDS)
 
 
 def policies_every(settings: Settings) -> float:
     """How often an agent asks whether it is its turn (cheap: one conditional UPDATE)."""
-    period = settings.check_for_idle_gpu_hours * 3600.0
-    return max(0.5, min(period / 4, 30.0))
+    return max(0.5, min(expiry_period(settings) / 4, 15.0))
+
+
+def slot_seconds(settings: Settings, period: float) -> float:
+    """How long one claimed run lasts: the period less half a step, so a step that comes
+    back a moment early does not skip a whole period."""
+    return period - policies_every(settings) / 2
 
 
 def policies_step(agent: AgentView) -> bool:
-    """Agent step: run the policies if this process wins this period's slot (lease
-    `policies`), so one runner acts per period however many agents and hosts there are."""
-    if not lease.claim_slot(agent.ctx.db, LEASE_NAME, slot_seconds(agent.settings)):
+    """Agent step: run expiry and reminders, and the idle policy when its period is due, if
+    this process wins the period's slot (leases `policies-expiry`, `policies-idle`), so one
+    runner acts per period however many agents and hosts there are."""
+    db, settings = agent.ctx.db, agent.settings
+    if not lease.claim_slot(db, EXPIRY_LEASE, slot_seconds(settings, expiry_period(settings))):
         return False
-    return run(agent.ctx).did_work
+    idle = lease.claim_slot(db, IDLE_LEASE, slot_seconds(settings, idle_period(settings)))
+    return run(agent.ctx, idle=idle).did_work
