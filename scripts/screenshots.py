@@ -97,9 +97,12 @@ def seed(ctx: Context) -> None:
     backend = SimulatedBackend(settings.gpu_config, settings.device_path)
     with ctx.db.transaction() as session:
         register(session, HOST, types_from_config(settings.gpu_config, backend.inventory()))
-    allocations.request(ctx.db, settings, USER, "4090", 2, 6)
-    allocations.request(ctx.db, settings, "bob", "a100", 1, 40)
-    allocations.request(ctx.db, settings, "carol", "4090", gpu_ids=[3], hours=0.75)
+    held = allocations.request(ctx.db, settings, USER, "4090", 2, 6)
+    held += allocations.request(ctx.db, settings, "bob", "a100", 1, 40)
+    held += allocations.request(ctx.db, settings, "carol", "4090", gpu_ids=[3], hours=0.75)
+    with ctx.db.transaction() as session:  # the demo users have no accounts for real ACLs
+        for row in held:
+            allocations.mark_access_applied(session, row.id)
     (done,) = allocations.request(ctx.db, settings, "dave", "4090", gpu_ids=[2], hours=1)
     allocations.release(ctx.db, settings, "dave", done.id)
     with ctx.db.transaction() as session:

@@ -143,6 +143,11 @@ def test_it_requests_gpus_and_shows_the_cuda_line(
     assert "You have GPU 0, 1 (4090)" in html
     assert "4090 — 2 of 4 free" in html
     assert sorted(a.gpu_id for a in active_of(ctx, ALICE)) == [0, 1]
+    assert html.count(">access pending<") == 2  # no agent here to apply it
+    with ctx.db.transaction() as session:
+        for row in active_of(ctx, ALICE):
+            allocations.mark_access_applied(session, row.id)
+    assert "access pending" not in client.get("/").get_data(as_text=True)
 
 
 def test_it_takes_days(app: Flask, ctx: Context, users: dict[str, TestUser]) -> None:
