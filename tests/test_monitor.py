@@ -181,3 +181,25 @@ def test_live_samples_go_through_redis_with_an_announcement(
     raw = redis_ctx.redis.hget(live.REDIS_KEY, f"{HOST}/5")
     assert raw is not None and json.loads(raw)["index"] == 5
     pubsub.close()
+
+
+@pytest.mark.parametrize("with_redis", [False, True], ids=["database", "redis"])
+def test_live_pages_can_wait_for_the_next_publish(
+    request: pytest.FixtureRequest, settings: Settings, db: Database, with_redis: bool
+) -> None:
+    if with_redis:
+        request.getfixturevalue("redis_client")
+        settings = settings.with_overrides(redis_url=REDIS_URL)
+    ctx = Context(settings)
+    agent = Agent(ctx)
+    agent.tick(force=True)
+    updates = live.Updates(ctx)
+    try:
+        assert updates.wait(0.3) is False  # nothing new since it started listening
+        agent.tick(force=True)
+        assert updates.wait(5) is True
+        assert updates.wait(0.3) is False
+    finally:
+        updates.close()
+        agent.close()
+        ctx.close()
