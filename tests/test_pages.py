@@ -465,3 +465,13 @@ def test_it_labels_every_form_control(app: Flask, ctx: Context, users: dict[str,
         for control in parser.controls:
             named = control.get("aria-label") or control.get("id") in parser.labelled
             assert named, f"{path}: a control without a label: {control}"
+
+
+def test_it_answers_an_unknown_page_with_a_page_and_the_api_with_json(
+    app: Flask, users: dict[str, TestUser]
+) -> None:
+    client = sign_in(app, users[ALICE])
+    page = client.get("/no-such-page")
+    assert page.status_code == 404 and "There is no such page." in page.get_data(as_text=True)
+    api = client.get("/api/v1/no-such-thing")
+    assert api.status_code == 404 and api.get_json()["error"]["code"] == "not_found"

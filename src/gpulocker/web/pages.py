@@ -21,6 +21,7 @@ from flask import (
     url_for,
 )
 from markupsafe import Markup
+from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from gpulocker import (
@@ -37,7 +38,7 @@ from gpulocker.errors import GPULockerError
 from gpulocker.models import Setting, utcnow
 from gpulocker.notify import telegram
 from gpulocker.web import admin_pages, formatting
-from gpulocker.web.errors import status_for
+from gpulocker.web.errors import error_response, status_for, wants_json
 from gpulocker.web.forms import Page, RequestForm, me, safe_next
 from gpulocker.web.session import (
     CSRF_FIELD,
@@ -69,6 +70,14 @@ def _require_csrf() -> None:
 def _refused(exc: GPULockerError) -> tuple[str, int]:
     """A refusal that reached no form (CSRF, admin only, unknown id) as an HTML page."""
     return render_template("error.html", message=exc.message), status_for(exc)
+
+
+@bp.app_errorhandler(404)
+def _not_found(exc: HTTPException) -> Any:
+    """A page that does not exist gets a page saying so; the API keeps its JSON answer."""
+    if wants_json():
+        return error_response("not_found", exc.description or "not found", 404)
+    return render_template("error.html", message="There is no such page."), 404
 
 
 @bp.context_processor
