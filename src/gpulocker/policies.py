@@ -126,11 +126,11 @@ def _busy(processes: Sequence[Mapping[str, Any]] | None) -> bool:
     return processes is None or len(processes) > 0
 
 
-def _describe(processes: Sequence[Mapping[str, Any]] | None) -> str:
+def _describe(processes: Sequence[Mapping[str, Any]] | None, whose: str = "your") -> str:
     if processes is None:
         return "its processes could not be checked"
     pids = ", ".join(str(p.get("pid")) for p in processes)
-    return f"your processes still run there (pid {pids})"
+    return f"{whose} processes still run there (pid {pids})"
 
 
 def _mark(
@@ -267,7 +267,7 @@ def check_idle(
             return None
         message = (
             f"GPU {row.gpu_id} ({row.gpu_type}) on {row.host} held by {row.user} has been idle "
-            f"for {hours}, but {_describe(processes).replace('your', 'their')}. "
+            f"for {hours}, but {_describe(processes, 'their')}. "
             "Please release it if it is not needed."
         )
         notify(session, settings, "idle_warning", message, users=[row.user], admins=True)
