@@ -177,6 +177,9 @@ def test_it_takes_two_gpus_watches_them_live_and_gives_them_back(
     server: Server, new_page: object, users: dict[str, TestUser]
 ) -> None:
     page = new_page()  # type: ignore[operator]
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
     sign_in(page, server, users[ALICE])
     request_gpus(page, "4090", 2, 1)
     expect(page.get_by_role("status").filter(has_text="You have GPU 0, 1 (4090)")).to_be_visible()
@@ -218,6 +221,7 @@ def test_it_takes_two_gpus_watches_them_live_and_gives_them_back(
     expect(card0.get_by_role("button", name="24 h")).to_have_attribute("aria-pressed", "true")
     expect(card0.locator("[data-chart] canvas")).to_have_count(1, timeout=20000)
 
+    assert problems == [], problems  # no script error, nothing the security policy blocked
     page.get_by_role("link", name="Dashboard").click()
     page.get_by_role("button", name="Release all 2").click()
     expect(page.get_by_text("You hold no GPUs right now.")).to_be_visible()

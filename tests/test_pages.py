@@ -242,6 +242,8 @@ def test_it_escapes_scripts_in_notifications_and_admin_messages(
     html = sign_in(app, users[ALICE]).get("/notifications").get_data(as_text=True)
     assert SCRIPT not in html
     assert html.count(ESCAPED) == 2
+    policy = sign_in(app, users[ALICE]).get("/notifications").headers["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "unsafe-inline" not in policy.split(";")[1]
     assert (
         '<span class="count-badge" data-testid="unread-count" aria-label="2 unread">2</span>'
         in html
