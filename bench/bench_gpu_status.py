@@ -1,14 +1,14 @@
 """/api/gpu_status throughput: the real app beside a minimal Flask app, same server settings.
 
 Both run under gunicorn with 2 workers and GPULocker's worker settings (gthread, preload),
-on loopback, loaded by wrk in the same run, three times each, alternating (the machine
+on loopback, loaded by wrk in the same run, five times each, alternating (the machine
 may be shared, so the best of each is kept). The real app serves 8 simulated GPUs from
 SQLite (live samples, inventory, holders; cached while nothing changed, see
 gpulocker.web.status_cache); the baseline answers the very same JSON from memory. Prints
 requests/s of both and their ratio (target >= 0.8), for an anonymous caller and for a
 caller with a bearer token.
 
-Usage: python bench/bench_gpu_status.py [--seconds 8] [--connections 16]
+Usage: python bench/bench_gpu_status.py [--seconds 5] [--connections 16]
 Needs `wrk` (Debian: apt-get install -y wrk).
 """
 
@@ -38,7 +38,7 @@ from gpulocker.inventory import register, types_from_config
 from gpulocker.server import run_web
 
 WORKERS = 2
-ROUNDS = 3  # alternating ours/baseline; the machine is shared, so keep the best of each
+ROUNDS = 5  # alternating ours/baseline; the machine is shared, so keep the best of each
 GPUS = {"4090": [0, 1, 2, 3], "a100": [4, 5, 6, 7]}
 
 
@@ -187,7 +187,7 @@ def main() -> None:
         serve_baseline(Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
     measure(parser.parse_args())
 

@@ -58,6 +58,8 @@ def _identify() -> tokens.Identity | None:
             return None
         identity = _authenticate(raw.strip())
         return identity if identity is not None and identity.kind == tokens.API else None
+    if current_app.config["SESSION_COOKIE_NAME"] not in request.cookies:
+        return None  # no cookie: anonymous, without touching (and re-sending) the session
     cookie_token = session.get("token")
     if not isinstance(cookie_token, str):
         return None
