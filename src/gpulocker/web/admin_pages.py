@@ -16,7 +16,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from gpulocker import allocations, events, inventory, lockouts, maintenance
 from gpulocker.errors import GPULockerError
-from gpulocker.models import ACTIVE, Event
+from gpulocker.models import ACTIVE, Allocation, Event
 from gpulocker.notify import admin_message
 from gpulocker.web.errors import status_for
 from gpulocker.web.forms import Page, RequestForm, me, safe_next
@@ -150,10 +150,7 @@ def message() -> Page:
 @bp.get("/reset")
 def reset_confirm() -> Page:
     """The confirmation step before a reset: what it will do, and a word to type."""
-    ctx = get_ctx()
-    with ctx.db.session() as session:
-        active = allocations.list_for(session, ctx.settings, me(), all_users=True, state=ACTIVE)
-    return render_template("admin/reset.html", active=active, word=RESET_WORD, error="")
+    return render_template("admin/reset.html", active=_active(), word=RESET_WORD, error="")
 
 
 @bp.post("/reset")
@@ -161,14 +158,20 @@ def reset() -> Page:
     """Release every allocation, once the admin typed the confirmation word."""
     ctx = get_ctx()
     if request.form.get("confirm", "").strip().lower() != RESET_WORD:
-        with ctx.db.session() as session:
-            active = allocations.list_for(session, ctx.settings, me(), all_users=True, state=ACTIVE)
         error = f'Type "{RESET_WORD}" to confirm.'
-        html = render_template("admin/reset.html", active=active, word=RESET_WORD, error=error)
+        html = render_template("admin/reset.html", active=_active(), word=RESET_WORD, error=error)
         return html, 422
     ended = allocations.reset(ctx.db, ctx.settings, me())
     flash(f"Reset done: {ended} allocation(s) ended; access goes back to the baseline.", "success")
     return redirect(url_for("pages.admin.overview"))
+
+
+def _active() -> list[Allocation]:
+    """Every active allocation, by host and GPU."""
+    ctx = get_ctx()
+    with ctx.db.session() as session:
+        rows = allocations.list_for(session, ctx.settings, me(), all_users=True, state=ACTIVE)
+    return sorted(rows, key=lambda a: (a.host, a.gpu_id))
 
 
 # --- the events log --------------------------------------------------------------------
