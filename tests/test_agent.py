@@ -123,6 +123,31 @@ def test_it_undoes_drift_within_reconcile_seconds(
     assert f"removed user:{bob.name}:rw-" in drift.data["changes"]
 
 
+def test_it_undoes_drift_at_once_without_waiting_for_reconcile_seconds(
+    settings: Settings, db: Database, users: dict
+) -> None:
+    settings = settings.with_overrides(reconcile_seconds=60.0)
+    ctx = Context(settings)
+    agent, stop, thread = start_in_thread(ctx)
+    try:
+        wait_for(lambda: agent.reconciled_at)
+        bob, path = users[BOB], gpu0(settings)
+        subprocess.run(["setfacl", "-m", f"u:{bob.name}:rw", path], check=True)
+        began = time.monotonic()
+        wait_for(lambda: access.compliant(access.read(path), []), timeout=5, interval=0.01)
+        assert time.monotonic() - began < 1.0  # the file's change time gave it away
+        os.unlink(path)
+        ensure_device_file(Path(path))
+        began = time.monotonic()
+        wait_for(lambda: access.compliant(access.read(path), []), timeout=5, interval=0.01)
+        assert time.monotonic() - began < 1.0
+        assert try_open_as(bob, path) == EACCES
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        ctx.close()
+
+
 def test_it_restores_a_recreated_file_and_its_holder(
     running: Agent, db: Database, settings: Settings, users: dict
 ) -> None:

@@ -121,6 +121,7 @@ class Agent:
         self._event_floor = 0
         self._next_full = 0.0
         self._baselined: set[str] = set()
+        self._fingerprints: dict[str, tuple[int, ...] | None] = {}
         self._unknown_users: set[str] = set()
 
     @property
@@ -226,16 +227,23 @@ class Agent:
     # --- reconcile
 
     def reconcile_if_due(self) -> bool:
-        """Reconcile when something changed in the database or RECONCILE_SECONDS passed."""
+        """Reconcile when something changed in the database or on a device file, or when
+        RECONCILE_SECONDS passed."""
         now = time.monotonic()
         token = self._change_token()
         changed = token is not None and token != self._seen_token
-        if not changed and now < self._next_full:
+        if not changed and not self._files_touched() and now < self._next_full:
             return False
         if token is not None:
             self._seen_token = token
         self._next_full = now + self.settings.reconcile_seconds
         return self.reconcile()
+
+    def _files_touched(self) -> bool:
+        """True when a device file changed since the last reconcile left it: a chmod, a
+        setfacl or a re-created file all change its inode change time. One stat per file,
+        so drift is undone within the 0.2 s poll rather than RECONCILE_SECONDS."""
+        return any(_fingerprint(path) != seen for path, seen in self._fingerprints.items())
 
     def _change_token(self) -> tuple[int, int] | None:
         """The newest event id and how many events lie above a floor a little below it.
@@ -271,6 +279,8 @@ class Agent:
                 self._reconcile_gpu(gpu, self.plan, standing, report)
             except Exception:
                 log.exception("reconcile of GPU %s failed; the others go on", gpu.info.index)
+                # Retried every RECONCILE_SECONDS, not at every poll.
+                self._fingerprints[gpu.info.device] = _fingerprint(gpu.info.device)
         self._write_report(report)
         self.finish_revokes()
         self.reconciled_at = utcnow().isoformat()
@@ -316,6 +326,7 @@ class Agent:
             current = access.read(path)
         except FileNotFoundError:
             log.warning("device file %s of GPU %s is missing; nothing to enforce", path, index)
+            self._fingerprints[path] = None  # its return is a change: reconciled at once
             return
         if plan is None:  # never read the database: close the file to strangers, revoke no one
             holders: dict[int, Holding] = {}
@@ -333,6 +344,7 @@ class Agent:
             first = path not in self._baselined and "mask::missing -> rw-" in drift
             report.drift.append(("baseline" if first else "drift", index, path, drift))
         self._baselined.add(path)
+        self._fingerprints[path] = _fingerprint(path)
         report.applied += [h.allocation_id for h in holders.values() if not h.applied]
         for holding in ending:
             report.revokes += self._start_revoke(holding, path, want)
@@ -462,6 +474,15 @@ class Agent:
             "reconciled_at": self.reconciled_at,
             "revoking": len(self.revoking),
         }
+
+
+def _fingerprint(path: str) -> tuple[int, ...] | None:
+    """What changes when anyone touches a file's permissions (None: the file is missing)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mode, info.st_uid, info.st_gid, info.st_ctime_ns
 
 
 def _by_gpu(rows: Any) -> dict[int, list[Holding]]:
