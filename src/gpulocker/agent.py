@@ -13,10 +13,10 @@ changed. An allocation that ended loses its entry and its holder's processes on 
 are ended; only when they are gone is `access_removed_at` set, so a crash at any point is
 repaired by the next reconcile, which is the first thing a (re)started agent does.
 
-Reconcile runs every RECONCILE_SECONDS, and at once when the events table changes (a
-cheap query on the newest ids polled every 0.2 s; every grant and release records an
-event), so a grant
-reaches the file within a second with or without Redis. When the database cannot be read
+Reconcile runs every RECONCILE_SECONDS, and within the 0.2 s poll when the events table
+changes (every grant and release records an event) or a device file's inode change time
+moves (chmod, setfacl, a re-created file), so a grant reaches the file, and drift is
+undone, well within a second, with or without Redis. When the database cannot be read
 the agent keeps enforcing the last state it knew; it never revokes everyone because a
 read failed.
 
