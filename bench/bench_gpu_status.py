@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,10 +163,12 @@ def measure(args: argparse.Namespace) -> None:
             base.terminate()
             base.wait(15)
             best_ours, best_base = max(ours_rps), max(base_rps)
+            median_ratio = statistics.median(ours_rps) / statistics.median(base_rps)
             print(
                 f"/api/gpu_status, 8 GPUs, {label}: GPULocker {best_ours:,.0f} req/s, "
                 f"minimal Flask {best_base:,.0f} req/s, ratio {best_ours / best_base:.2f} "
-                f"(runs: ours {[round(r) for r in ours_rps]}, baseline {[round(r) for r in base_rps]})"
+                f"(ratio of medians {median_ratio:.2f}; runs: ours "
+                f"{[round(r) for r in ours_rps]}, baseline {[round(r) for r in base_rps]})"
             )
     finally:
         for proc in procs:
