@@ -280,3 +280,25 @@ def test_the_agent_delivers_in_the_background_and_after_a_restart(
     second.ctx.close()
     assert [text.split(" (")[0] for _, text in fake.sent] == ["You have GPU(s) 0", "second"]
     assert pending_rows(db) == []
+
+
+def test_the_agent_links_chats_in_the_background_one_reader_at_a_time(
+    tg_ctx: Context, fake: FakeTelegram
+) -> None:
+    from gpulocker import lease
+    from gpulocker.agent import Agent
+    from gpulocker.background import worker_for
+
+    code = telegram.start_link(tg_ctx.db, BOB)
+    fake.updates.append(
+        {"update_id": 7, "message": {"chat": {"id": 555}, "text": f"/start {code}"}}
+    )
+    agent = Agent(tg_ctx)
+    assert agent.tick(force=True)["telegram"] is True
+    assert worker_for(agent, "telegram-updates").join(timeout=30)
+    assert telegram.link_status(tg_ctx.db, BOB)["chat_id"] == "555"
+    # Telegram allows one getUpdates reader per bot: another process holding the lease wins.
+    assert lease.release(tg_ctx.db, telegram.UPDATES_LEASE)
+    assert lease.acquire(tg_ctx.db, telegram.UPDATES_LEASE, 60, holder="another-agent")
+    assert agent.tick(force=True)["telegram"] is False
+    agent.close()
