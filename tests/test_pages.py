@@ -130,6 +130,11 @@ def test_it_refuses_forms_without_the_csrf_token(
         assert response.status_code == 403
         assert "CSRF token" in response.get_data(as_text=True)
     assert active_of(ctx, ALICE) == []
+    admin = sign_in(app, users[ADMIN])
+    assert admin.post("/admin/maintenance", data={"enabled": "on"}).status_code == 403
+    assert admin.post("/admin/reset", data={"confirm": "reset"}).status_code == 403
+    with ctx.db.session() as session:
+        assert not maintenance.enabled(session)
 
 
 def test_it_requests_gpus_and_shows_the_cuda_line(
