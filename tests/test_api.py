@@ -10,13 +10,17 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from gpulocker import agent, allocations, lockouts, tokens
+from gpulocker import agent, allocations, live, lockouts, tokens
+from gpulocker.config import Settings
 from gpulocker.context import Context
+from gpulocker.db import Database
+from gpulocker.gpus.simulated import SimulatedBackend, write_load
 from gpulocker.models import GpuSample, utcnow
 from gpulocker.web import create_app
 from gpulocker.web.session import login_user, logout_user
+from gpulocker.web.status_cache import STATUS_CACHE
 from tests.api_fixtures import Headers, app, bearer, client
-from tests.conftest import TEST_HOST
+from tests.conftest import REDIS_URL, TEST_HOST
 from tests.helpers import ADMIN, ALICE, BOB, TestUser
 
 __all__ = ["app", "bearer", "client"]  # fixtures used here
@@ -386,3 +390,50 @@ def test_it_answers_json_404_for_unknown_api_paths(client: FlaskClient, bearer: 
     assert error_of(client.get("/api/v1/nothing"))["code"] == "not_found"
     big = client.get(f"/api/v1/allocations/{2**40}", headers=bearer(ALICE))
     assert big.status_code == 404
+
+
+# --- the cached status --------------------------------------------------------------------
+
+
+def holders(client: FlaskClient, headers: Headers) -> list[str | None]:
+    return [g["holder"] for g in client.get("/api/gpu_status", headers=headers).get_json()["gpus"]]
+
+
+def test_the_status_shows_writes_through_the_server_at_once(
+    app: Flask, client: FlaskClient, bearer: Bearer
+) -> None:
+    app.extensions[STATUS_CACHE].recheck = 3600  # the database is never re-read
+    assert holders(client, bearer(ALICE))[0] is None
+    body = {"gpu_type": "4090", "count": 1, "hours": 1}
+    client.post("/api/v1/allocations", json=body, headers=bearer(ALICE))
+    assert holders(client, bearer(ALICE))[0] == ALICE
+
+
+def test_the_status_shows_changes_made_elsewhere_once_rechecked(
+    app: Flask, client: FlaskClient, bearer: Bearer, ctx: Context
+) -> None:
+    cache = app.extensions[STATUS_CACHE]
+    cache.recheck = 3600
+    assert holders(client, bearer(BOB))[0] is None
+    allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)  # as the agent or CLI would
+    assert holders(client, bearer(BOB))[0] is None  # cached: not re-read yet
+    cache.recheck = 0
+    assert holders(client, bearer(BOB))[0] == ALICE
+
+
+def test_the_status_follows_live_samples_in_redis(
+    settings: Settings, db: Database, redis_client: object, bearer: Bearer
+) -> None:
+    redis_ctx = Context(settings.with_overrides(redis_url=REDIS_URL))
+    app = create_app(ctx=redis_ctx)
+    app.extensions[STATUS_CACHE].recheck = 0
+    client = app.test_client()
+    backend = SimulatedBackend(settings.gpu_config, settings.device_path)
+    write_load(settings.device_path, 5, 42.0, 1024.0, None)
+    live.publish(redis_ctx, TEST_HOST, backend.sample())
+    gpus = client.get("/api/gpu_status").get_json()["gpus"]
+    assert gpus[5]["utilization"] == 42.0
+    write_load(settings.device_path, 5, 77.0, 1024.0, None)
+    live.publish(redis_ctx, TEST_HOST, backend.sample())
+    assert client.get("/api/gpu_status").get_json()["gpus"][5]["utilization"] == 77.0
+    redis_ctx.close()
