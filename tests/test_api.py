@@ -437,3 +437,18 @@ def test_the_status_follows_live_samples_in_redis(
     live.publish(redis_ctx, TEST_HOST, backend.sample())
     assert client.get("/api/gpu_status").get_json()["gpus"][5]["utilization"] == 77.0
     redis_ctx.close()
+
+
+def test_it_filters_events_by_time(client: FlaskClient, bearer: Bearer, ctx: Context) -> None:
+    allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)
+    now = utcnow()
+    later = (now + timedelta(minutes=1)).replace(tzinfo=None).isoformat()
+    earlier = (now - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+    admin = bearer(ADMIN)
+    assert (
+        client.get(f"/api/v1/events?kind=granted&since={later}", headers=admin).get_json()["events"]
+        == []
+    )
+    found = client.get(f"/api/v1/events?kind=granted&since={earlier}", headers=admin).get_json()
+    assert [e["user"] for e in found["events"]] == [ALICE]
+    assert client.get("/api/v1/events?since=yesterday", headers=admin).status_code == 422

@@ -9,6 +9,7 @@ allocations, tokens and notifications: the core functions take the actor and ref
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -309,11 +310,20 @@ def list_events(query: s.EventQuery) -> dict[str, Any]:
             kind=query.kind,
             gpu_id=query.gpu_id,
             host=query.host,
+            since=_utc(query.since),
+            until=_utc(query.until),
             before_id=query.before_id,
             limit=query.limit,
         )
     more = len(rows) == query.limit
     return {"events": [r.to_dict() for r in rows], "next_before_id": rows[-1].id if more else None}
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """A time from the query string as aware UTC (a time without an offset is UTC)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 @endpoint(

@@ -8,6 +8,7 @@ refused); query strings are parsed leniently since every value arrives as text.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -202,6 +203,8 @@ class EventQuery(Query):
     kind: str | None = Field(default=None, max_length=64)
     gpu_id: int | None = Field(default=None, ge=0, le=MAX_ID)
     host: str | None = Field(default=None, max_length=255)
+    since: datetime | None = Field(default=None, description="ISO 8601; UTC unless it says")
+    until: datetime | None = Field(default=None, description="ISO 8601, exclusive")
     before_id: int | None = Field(default=None, ge=1, le=2**62, description="paging")
     limit: int = Field(default=50, ge=1, le=500)
 
