@@ -135,3 +135,27 @@ def test_a_user_signs_in_takes_two_gpus_and_releases_them(
         ),
         timeout=5,
     )
+
+
+def agent_pids(tmp_path: Path) -> set[int]:
+    """Pids of this test's agent processes."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if (
+                proc.name.isdigit()
+                and str(tmp_path).encode() in (proc / "environ").read_bytes()
+                and b"\0agent" in (proc / "cmdline").read_bytes()
+            ):
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_serve_restarts_a_dead_agent(server: str, tmp_path: Path) -> None:
+    (first,) = wait_for(lambda: agent_pids(tmp_path), timeout=10)  # type: ignore[misc]
+    os.kill(first, signal.SIGKILL)
+    restarted = wait_for(lambda: agent_pids(tmp_path) - {first}, timeout=15)
+    assert len(restarted) == 1  # type: ignore[arg-type]
+    wait_for(lambda: _healthy(server), timeout=15, interval=0.2)

@@ -141,22 +141,23 @@ def serve_command(simulate: str | None, host: str | None, port: int | None) -> N
 
     settings = _with_address(settings_from_env(simulate), host, port)
     configure_logging(settings)
-    server.serve(settings, simulate)
+    sys.exit(server.serve(settings, simulate))
 
 
 @main.command("web")
 @click.option("--host", default=None, help="address to listen on (default HOST)")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="port (default PORT)")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="worker processes")
+@click.option("--quiet", is_flag=True, hidden=True, help="no banner (when run by serve)")
 @handle_errors
-def web_command(host: str | None, port: int | None, workers: int | None) -> None:
+def web_command(host: str | None, port: int | None, workers: int | None, quiet: bool) -> None:
     """The web server and API only, under gunicorn (agents run on the GPU hosts)."""
     from gpulocker import server
     from gpulocker.context import configure_logging
 
     settings = _with_address(settings_from_env(), host, port)
     configure_logging(settings)
-    server.web(settings, workers)
+    server.web(settings, workers, quiet)
 
 
 def _with_address(settings: Settings, host: str | None, port: int | None) -> Settings:

@@ -5,9 +5,11 @@ Flask's development server. The app is built once in the master (`preload_app`) 
 schema is migrated once and the metrics counters are shared; each worker then opens its
 own database connections (`post_fork`).
 
-`serve` starts exactly one agent, as a child process of its own, before the web
-workers: an agent per worker would fight over the same device files. The child is told
-to die with its parent (PR_SET_PDEATHSIG), so a killed `serve` leaves no agent behind.
+`serve` supervises two children: exactly one agent (an agent per web worker would fight
+over the same device files) and one `gpulocker web`. A dead agent is restarted with
+backoff; a dead web server stops everything with a failure status. The children are
+told to die with their parent (PR_SET_PDEATHSIG), so a killed `serve` leaves nothing
+behind.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +35,10 @@ log = logging.getLogger(__name__)
 
 SERVE_WORKERS = 2
 THREADS = 4
-AGENT_STOP_SECONDS = 10.0
+CHILD_STOP_SECONDS = 20.0
+SUPERVISE_SECONDS = 0.5
+MAX_AGENT_BACKOFF_SECONDS = 30.0
+AGENT_STABLE_SECONDS = 60.0
 
 
 def default_workers() -> int:
@@ -144,24 +151,36 @@ def _die_with_parent() -> None:
         pass
 
 
+def _start_child(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, preexec_fn=_die_with_parent)
+
+
 def start_agent(simulate: str | None) -> subprocess.Popen[bytes]:
     """The one agent of `serve`, as `python -m gpulocker agent` in a child process."""
     command = [sys.executable, "-m", "gpulocker", "agent"]
     if simulate:
         command += ["--simulate", simulate]
-    return subprocess.Popen(command, preexec_fn=_die_with_parent)
+    return _start_child(command)
 
 
-def stop_agent(agent: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the agent and wait for it to finish its tick; SIGKILL if it hangs."""
-    if agent.poll() is not None:
+def start_web(settings: Settings) -> subprocess.Popen[bytes]:
+    """The web server of `serve`: `gpulocker web` with SERVE_WORKERS workers."""
+    command = [sys.executable, "-m", "gpulocker", "web", "--host", settings.host]
+    command += ["--port", str(settings.port), "--workers", str(SERVE_WORKERS), "--quiet"]
+    return _start_child(command)
+
+
+def stop_child(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a child and let it finish (the agent its tick, gunicorn its requests);
+    SIGKILL if it hangs."""
+    if child.poll() is not None:
         return
-    agent.terminate()
+    child.terminate()
     try:
-        agent.wait(AGENT_STOP_SECONDS)
+        child.wait(CHILD_STOP_SECONDS)
     except subprocess.TimeoutExpired:
-        agent.kill()
-        agent.wait()
+        child.kill()
+        child.wait()
 
 
 def run_web(settings: Settings, workers: int, load_app: Callable[[], Any]) -> None:
@@ -169,28 +188,68 @@ def run_web(settings: Settings, workers: int, load_app: Callable[[], Any]) -> No
     GunicornServer(load_app, gunicorn_options(settings, workers)).run()
 
 
-def serve(settings: Settings, simulate: str | None) -> None:
-    """`gpulocker serve`: migrate, start the agent, serve the web until stopped."""
+def serve(settings: Settings, simulate: str | None) -> int:
+    """`gpulocker serve`: migrate, then supervise one agent and one web server.
+
+    The agent is restarted (with backoff) if it dies; if the web server dies, the agent is
+    stopped and `serve` exits with a failure, so systemd (or the user) sees it. SIGTERM,
+    SIGINT or SIGHUP stop both. Returns the exit status.
+    """
     from gpulocker.context import open_context
-    from gpulocker.web import create_app
 
-    ctx = open_context(settings)  # migrate before the agent and the workers start
+    open_context(settings).close()  # migrate once, before either child starts
     print(banner(settings, with_agent=True), flush=True)
-    agent = start_agent(simulate)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    children = {"agent": start_agent(simulate), "web": start_web(settings)}
     try:
-        run_web(settings, SERVE_WORKERS, lambda: create_app(ctx=ctx))
+        return _supervise(stop, simulate, children)
     finally:
-        stop_agent(agent)
-        ctx.close()
+        stop_child(children["web"])
+        stop_child(children["agent"])
 
 
-def web(settings: Settings, workers: int | None = None) -> None:
-    """`gpulocker web`: the web side only (the agents run elsewhere)."""
+def _supervise(
+    stop: threading.Event, simulate: str | None, children: dict[str, subprocess.Popen[bytes]]
+) -> int:
+    """Wait until told to stop or the web server dies; restart a dead agent meanwhile."""
+    backoff = 1.0
+    agent_started = time.monotonic()
+    restart_at: float | None = None
+    while not stop.wait(SUPERVISE_SECONDS):
+        web_server = children["web"]
+        if web_server.poll() is not None:
+            log.error("the web server exited with status %s; stopping", web_server.returncode)
+            return 1
+        now = time.monotonic()
+        if restart_at is not None:
+            if now >= restart_at:
+                children["agent"] = start_agent(simulate)
+                agent_started, restart_at = now, None
+            continue
+        if children["agent"].poll() is None:
+            if now - agent_started > AGENT_STABLE_SECONDS:
+                backoff = 1.0  # it ran a while: a later failure starts the backoff afresh
+            continue
+        log.error(
+            "the agent exited with status %s; restarting it in %g s",
+            children["agent"].returncode,
+            backoff,
+        )
+        restart_at = now + backoff
+        backoff = min(backoff * 2, MAX_AGENT_BACKOFF_SECONDS)
+    return 0
+
+
+def web(settings: Settings, workers: int | None = None, quiet: bool = False) -> None:
+    """`gpulocker web`: the web side only (the agents run elsewhere, or `serve` runs one)."""
     from gpulocker.context import open_context
     from gpulocker.web import create_app
 
     ctx = open_context(settings)
-    print(banner(settings, with_agent=False), flush=True)
+    if not quiet:
+        print(banner(settings, with_agent=False), flush=True)
     try:
         run_web(settings, workers or default_workers(), lambda: create_app(ctx=ctx))
     finally:
