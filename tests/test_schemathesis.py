@@ -2,7 +2,7 @@
 
 Schemathesis reads /api/v1/openapi.json from the app and throws generated requests
 (valid and invalid) at every operation, signed in as an admin so the admin endpoints are
-exercised too. SQLite only, to stay fast.
+exercised too, and as a plain user. SQLite only, to stay fast.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from gpulocker import tokens
 from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
 from tests.api_fixtures import app
-from tests.helpers import ADMIN
+from tests.helpers import ADMIN, ALICE
 
 __all__ = ["app"]
 
@@ -53,9 +53,8 @@ def database_url(tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture
-def admin_headers(ctx: Context) -> dict[str, str]:
-    _row, raw = tokens.create(ctx.db, ADMIN, "schemathesis")
+def headers_of(ctx: Context, user: str) -> dict[str, str]:
+    _row, raw = tokens.create(ctx.db, user, "schemathesis")
     return {"Authorization": f"Bearer {raw}"}
 
 
@@ -73,9 +72,11 @@ def run_operation(operation: Any, mode: GenerationMode, headers: dict[str, str])
 # schemathesis.pytest.from_fixture cannot run under pytest 9 (it needs Function._nodeid), so
 # the operations are walked here, each with positive and negative data.
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("user", [ADMIN, ALICE])
 def test_the_api_keeps_its_description(
-    app: Flask, admin_headers: dict[str, str], pam_service: str
+    app: Flask, ctx: Context, pam_service: str, user: str
 ) -> None:
+    headers = headers_of(ctx, user)
     schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 20
@@ -83,4 +84,4 @@ def test_the_api_keeps_its_description(
         has_input = any((operation.path_parameters, operation.query, operation.body))
         modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if has_input else [])
         for mode in modes:
-            run_operation(operation, mode, admin_headers)
+            run_operation(operation, mode, headers)
