@@ -113,3 +113,21 @@ def test_it_expires_web_sessions(db: Database) -> None:
     assert tokens.authenticate(db, raw) is not None
     with time_machine.travel(utcnow() + timedelta(hours=1, seconds=1)):
         assert tokens.authenticate(db, raw) is None
+
+
+def test_it_forgets_ended_web_sessions_at_the_next_sign_in(db: Database) -> None:
+    old, _raw = tokens.create(db, ALICE, kind=tokens.WEB, hours=1)
+    kept, _raw = tokens.create(db, ALICE, kind=tokens.WEB, hours=1)
+    tokens.end_web_session(db, old.id)
+    with time_machine.travel(utcnow() + timedelta(minutes=30)):
+        tokens.create(db, ALICE, kind=tokens.WEB, hours=1)
+    with time_machine.travel(utcnow() + timedelta(days=1, hours=1, minutes=10)):
+        tokens.create(db, ALICE, kind=tokens.WEB, hours=1)
+        tokens.create(db, BOB, kind=tokens.WEB, hours=1)
+    with db.session() as session:
+        from sqlalchemy import select
+
+        from gpulocker.models import ApiToken
+
+        left = set(session.scalars(select(ApiToken.id).where(ApiToken.user == ALICE)))
+    assert old.id not in left and kept.id not in left and len(left) == 2

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from gpulocker import events
@@ -25,6 +25,7 @@ WEB = "web"
 PREFIX = "glk_"
 WEB_SESSION_HOURS = 7 * 24.0
 TOUCH_EVERY = timedelta(minutes=1)
+PRUNE_AFTER = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,25 @@ def create(
         expires_at=now + timedelta(hours=hours) if hours else None,
     )
     with db.transaction() as session:
+        if kind == WEB:
+            _prune_web_sessions(session, user, now)
         session.add(row)
         session.flush()
         if kind == API:
             events.record(session, "token_created", user, f"API token {row.id} {name!r}", user=user)
     return row, raw
+
+
+def _prune_web_sessions(session: Session, user: str, now: datetime) -> None:
+    """Each sign-in makes a token: forget the user's ended ones (a day after they ended)."""
+    cutoff = now - PRUNE_AFTER
+    session.execute(
+        delete(ApiToken).where(
+            ApiToken.user == user,
+            ApiToken.kind == WEB,
+            or_(ApiToken.revoked_at < cutoff, ApiToken.expires_at < cutoff),
+        )
+    )
 
 
 def authenticate(db: Database, raw: str) -> Identity | None:
