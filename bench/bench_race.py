@@ -9,6 +9,7 @@ PostgreSQL. Usage: python bench/bench_race.py [--requests 64] [--gpus 8]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import statistics
 import sys
@@ -19,14 +20,12 @@ from pathlib import Path
 
 import psycopg
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from gpulocker import allocations  # noqa: E402
-from gpulocker.config import Settings  # noqa: E402
-from gpulocker.db import Database  # noqa: E402
-from gpulocker.errors import NotEnoughGPUs  # noqa: E402
-from gpulocker.gpus import GpuInfo  # noqa: E402
-from gpulocker.inventory import TypedGpu, register  # noqa: E402
+from gpulocker import allocations
+from gpulocker.config import Settings
+from gpulocker.db import Database
+from gpulocker.errors import NotEnoughGPUs
+from gpulocker.gpus import GpuInfo
+from gpulocker.inventory import TypedGpu, register
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -71,7 +70,7 @@ def one_request(settings: Settings, user: str, barrier: object, out: object) -> 
         outcome = "granted"
     except NotEnoughGPUs as exc:
         outcome = "refused" if "free" in exc.message else f"error: {exc.message}"
-    except Exception as exc:  # noqa: BLE001 - a benchmark counts every failure
+    except Exception as exc:  # a benchmark counts every failure
         outcome = f"error: {type(exc).__name__}: {exc}"
     out.put((outcome, time.perf_counter() - start))  # type: ignore[attr-defined]
     db.dispose()
@@ -101,10 +100,8 @@ def sequential(settings: Settings, requests: int) -> list[float]:
     times = []
     for i in range(requests):
         start = time.perf_counter()
-        try:
+        with contextlib.suppress(NotEnoughGPUs):
             allocations.request(db, settings, f"seq{i}", "bench", 1, 1)
-        except NotEnoughGPUs:
-            pass
         times.append(time.perf_counter() - start)
     db.dispose()
     return times

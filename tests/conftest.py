@@ -35,7 +35,9 @@ needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: real users, PAM
 
 
 def _admin_conn() -> psycopg.Connection:
-    return psycopg.connect(POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    return psycopg.connect(
+        POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    )
 
 
 def _pg_url(name: str) -> str:
@@ -112,7 +114,9 @@ def db(settings: Settings) -> Iterator[Database]:
     database = Database(settings.database_url)
     backend = SimulatedBackend(settings.gpu_config, settings.device_path)
     with database.transaction() as session:
-        register(session, settings.gpu_host, types_from_config(settings.gpu_config, backend.inventory()))
+        register(
+            session, settings.gpu_host, types_from_config(settings.gpu_config, backend.inventory())
+        )
     yield database
     database.dispose()
 
@@ -151,13 +155,20 @@ def users() -> Iterator[dict[str, TestUser]]:
     try:
         for name in ALL_USERS:
             _delete_user(name)
-            subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True, capture_output=True)
             subprocess.run(
-                ["chpasswd"], input=f"{name}:{password_for(name)}\n", text=True, check=True,
+                ["useradd", "-m", "-s", "/bin/bash", name], check=True, capture_output=True
+            )
+            subprocess.run(
+                ["chpasswd"],
+                input=f"{name}:{password_for(name)}\n",
+                text=True,
+                check=True,
                 capture_output=True,
             )
             entry = pwd.getpwnam(name)
-            made[name] = TestUser(name, password_for(name), entry.pw_uid, entry.pw_gid, entry.pw_dir)
+            made[name] = TestUser(
+                name, password_for(name), entry.pw_uid, entry.pw_gid, entry.pw_dir
+            )
         yield made
     finally:
         for name in ALL_USERS:

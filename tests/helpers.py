@@ -47,8 +47,13 @@ def try_open_as(user: TestUser, path: str) -> int:
         "    sys.exit(e.errno)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], user=user.uid, group=user.gid, extra_groups=[], check=False,
-        cwd="/", env={"PATH": "/usr/bin:/bin"},
+        [sys.executable, "-c", code],
+        user=user.uid,
+        group=user.gid,
+        extra_groups=[],
+        check=False,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
     )
     return proc.returncode
 
@@ -65,8 +70,13 @@ def hold_open_as(user: TestUser, path: str) -> subprocess.Popen[bytes]:
         "while True: time.sleep(60)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], user=user.uid, group=user.gid, extra_groups=[],
-        cwd="/", env={"PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+        [sys.executable, "-c", code],
+        user=user.uid,
+        group=user.gid,
+        extra_groups=[],
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -76,7 +86,9 @@ def hold_open_as(user: TestUser, path: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.05) -> object:
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.05
+) -> object:
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -98,7 +98,7 @@ def sim_load(gpu_id: int, util: float, mem_mib: float, error: str | None) -> Non
 
 
 @main.command("doctor")
-@click.option("--simulate", default=None, help='check as for simulated GPUs, e.g. \'{"4090": 2}\'')
+@click.option("--simulate", default=None, help="check as for simulated GPUs, e.g. '{\"4090\": 2}'")
 @handle_errors
 def doctor_command(simulate: str | None) -> None:
     """Check this host (driver, device files, ACLs, PAM, database, Redis, agent, clock)."""
@@ -110,7 +110,7 @@ def doctor_command(simulate: str | None) -> None:
 
 
 @main.command("agent")
-@click.option("--simulate", default=None, help='simulated GPUs, e.g. \'{"4090": 4}\'')
+@click.option("--simulate", default=None, help="simulated GPUs, e.g. '{\"4090\": 4}'")
 @handle_errors
 def agent_command(simulate: str | None) -> None:
     """The privileged agent: enforces GPU access, samples GPUs, runs the policies."""
@@ -130,7 +130,7 @@ def agent_command(simulate: str | None) -> None:
 
 
 @main.command("serve")
-@click.option("--simulate", default=None, help='simulated GPUs, e.g. \'{"4090": 4}\'')
+@click.option("--simulate", default=None, help="simulated GPUs, e.g. '{\"4090\": 4}'")
 @click.option("--host", default=None, help="address to listen on (default HOST)")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="port (default PORT)")
 @handle_errors
