@@ -272,10 +272,20 @@ def test_it_renders_every_page_for_a_user_and_keeps_them_out_of_admin(
     app: Flask, users: dict[str, TestUser]
 ) -> None:
     client = sign_in(app, users[ALICE])
-    for path in ("/", "/schedule", "/disk", "/notifications", "/settings"):
+    titles = {
+        "/": "Dashboard",
+        "/schedule": "Schedule",
+        "/disk": "Disk",
+        "/notifications": "Notifications",
+        "/settings": "Settings",
+    }
+    for path, title in titles.items():
         response = client.get(path)
         assert response.status_code == 200, path
-        assert 'name="viewport"' in response.get_data(as_text=True)
+        html = response.get_data(as_text=True)
+        assert 'name="viewport"' in html
+        assert f"<title>{title} · GPULocker</title>" in html, path
+        assert html.count("<h1") == 1, path
     assert ">Admin<" not in client.get("/").get_data(as_text=True)
     for path in ("/admin/", "/admin/events", "/admin/disk", "/admin/reset"):
         assert client.get(path).status_code == 403, path
