@@ -361,6 +361,7 @@ def test_it_shows_disk_usage(
 def test_it_reports_health_and_metrics(client: FlaskClient, bearer: Bearer, ctx: Context) -> None:
     health = client.get("/healthz").get_json()
     assert health["database"]["ok"] and health["status"] == "degraded"  # no agent yet
+    assert health["notifications"] == {"pending": 0, "failed": 0, "oldest_pending_seconds": 0.0}
     client.post(
         "/api/v1/allocations",
         json={"gpu_type": "a100", "count": 9, "hours": 1},
@@ -373,6 +374,7 @@ def test_it_reports_health_and_metrics(client: FlaskClient, bearer: Bearer, ctx:
     assert 'gpulocker_allocations{state="active"} 1' in text
     assert 'gpulocker_refusals_total{reason="not_enough_gpus"} 1' in text
     assert 'gpulocker_http_requests_total{status="4xx"} 1' in text
+    assert 'gpulocker_outbox_messages{state="pending"} 0' in text
 
 
 def test_it_describes_itself_as_openapi(client: FlaskClient) -> None:

@@ -15,6 +15,7 @@ from sqlalchemy import func, select, text
 
 from gpulocker import heartbeat
 from gpulocker.models import Allocation, Gpu, utcnow
+from gpulocker.notify import outbox
 from gpulocker.web import schemas as s
 from gpulocker.web.errors import STATUS
 from gpulocker.web.openapi import endpoint
@@ -95,10 +96,17 @@ def health_report() -> dict[str, Any]:
                     "age_seconds": round(age, 3),
                     "detail": None if age <= AGENT_STALE_SECONDS else "no heartbeat lately",
                 }
+    notifications = outbox.stats(ctx.db) if database["ok"] else None
     failing = not database["ok"] or (redis is not None and not redis["ok"])
     degraded = not agents or not all(a["ok"] for a in agents.values())
     status = "failing" if failing else "degraded" if degraded else "ok"
-    return {"status": status, "database": database, "redis": redis, "agents": agents}
+    return {
+        "status": status,
+        "database": database,
+        "redis": redis,
+        "agents": agents,
+        "notifications": notifications,
+    }
 
 
 def _ping_database() -> None:
@@ -158,7 +166,21 @@ def _gauge_lines() -> list[str]:
     counts.update({state: int(n) for state, n in by_state})
     lines += [f'gpulocker_allocations{{state="{k}"}} {v}' for k, v in counts.items()]
     lines += _agent_lines(beats)
+    lines += _outbox_lines(outbox.stats(ctx.db))
     return lines
+
+
+def _outbox_lines(stats: dict[str, float | int]) -> list[str]:
+    """Notifications waiting to go out, given up, and how long the oldest has waited."""
+    return [
+        "# HELP gpulocker_outbox_messages Outgoing notifications by state.",
+        "# TYPE gpulocker_outbox_messages gauge",
+        f'gpulocker_outbox_messages{{state="pending"}} {stats["pending"]}',
+        f'gpulocker_outbox_messages{{state="failed"}} {stats["failed"]}',
+        "# HELP gpulocker_outbox_oldest_pending_seconds Age of the oldest unsent notification.",
+        "# TYPE gpulocker_outbox_oldest_pending_seconds gauge",
+        f"gpulocker_outbox_oldest_pending_seconds {stats['oldest_pending_seconds']:.3f}",
+    ]
 
 
 def _agent_lines(beats: list[Any]) -> list[str]:

@@ -324,8 +324,15 @@ class HealthCheck(Out):
     age_seconds: float | None = None
 
 
+class OutboxHealth(Out):
+    pending: int
+    failed: int
+    oldest_pending_seconds: float
+
+
 class Health(Out):
     status: Literal["ok", "degraded", "failing"]
     database: HealthCheck
     redis: HealthCheck | None
     agents: dict[str, HealthCheck]
+    notifications: OutboxHealth | None = None
