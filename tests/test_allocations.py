@@ -209,3 +209,29 @@ def test_concurrent_requests_never_share_a_gpu(db: Database, settings: Settings)
     with db.session() as s:
         active = s.scalars(select(Allocation).where(Allocation.state == ACTIVE)).all()
     assert sorted(a.gpu_id for a in active) == [0, 1, 2, 3]
+
+
+def test_one_users_concurrent_requests_respect_the_per_user_limit(
+    db: Database, settings: Settings
+) -> None:
+    """With MAX_GPUS_PER_USER=1, a second request of the same user for another GPU waits
+    for the first transaction and is then refused, instead of both counting 0 held."""
+    limited = settings.with_overrides(max_gpus_per_user=1)
+    outcome: dict[str, object] = {}
+
+    def second() -> None:
+        try:
+            outcome["granted"] = allocations.request(db, limited, ALICE, "4090", gpu_ids=[1])
+        except Forbidden as exc:
+            outcome["refused"] = exc.message
+
+    with db.transaction() as session:  # the first request, still uncommitted
+        allocations._grant(session, limited, ALICE, ALICE, "4090", 1, 1.0, [0])
+        racer = threading.Thread(target=second)
+        racer.start()
+        racer.join(0.5)
+        assert racer.is_alive(), f"the second request did not wait: {outcome}"
+    racer.join(10)
+    assert "at most 1 per user" in str(outcome.get("refused")), outcome
+    with db.session() as s:
+        assert allocations.count_active(s, ALICE) == 1

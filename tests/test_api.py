@@ -454,3 +454,14 @@ def test_it_filters_events_by_time(client: FlaskClient, bearer: Bearer, ctx: Con
     found = client.get(f"/api/v1/events?kind=granted&since={earlier}", headers=admin).get_json()
     assert [e["user"] for e in found["events"]] == [ALICE]
     assert client.get("/api/v1/events?since=yesterday", headers=admin).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "query", ["since=9999-12-31T23:59:59-05:00", "until=0001-01-01T00:00:00%2B05:00"]
+)
+def test_a_time_at_the_edge_of_the_calendar_is_refused_not_a_500(
+    client: FlaskClient, bearer: Bearer, query: str
+) -> None:
+    response = client.get(f"/api/v1/events?{query}", headers=bearer(ADMIN))
+    assert response.status_code == 422
+    assert "out of range" in response.get_json()["error"]["message"]

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -126,6 +126,7 @@ def _grant(
             until=lockout.until.isoformat(),
         )
     if settings.max_gpus_per_user is not None:
+        _take_turns(session, user)
         held = count_active(session, user)
         if held + count > settings.max_gpus_per_user:
             raise Forbidden(
@@ -172,6 +173,20 @@ def _grant(
         users=[user],
     )
     return rows
+
+
+def _take_turns(session: Session, user: str) -> None:
+    """Make one user's concurrent requests take turns, so MAX_GPUS_PER_USER holds.
+
+    The unique index stops two requests taking the same GPU, but not one user taking two
+    different GPUs in two parallel transactions that each counted what the user held.
+    SQLite already runs writers one at a time; PostgreSQL gets a transaction-scoped lock
+    keyed by the user name.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"gpulocker:user:{user}"}
+        )
 
 
 def _choose(

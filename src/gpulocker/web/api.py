@@ -28,7 +28,7 @@ from gpulocker import (
     maintenance,
     tokens,
 )
-from gpulocker.errors import Forbidden, NotFound
+from gpulocker.errors import Forbidden, Invalid, NotFound
 from gpulocker.models import Allocation, Gpu
 from gpulocker.notify import admin_message
 from gpulocker.web import schemas as s
@@ -323,7 +323,10 @@ def _utc(value: datetime | None) -> datetime | None:
     """A time from the query string as aware UTC (a time without an offset is UTC)."""
     if value is None:
         return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise Invalid(f"{value.isoformat()} is out of range once converted to UTC") from None
 
 
 @endpoint(
