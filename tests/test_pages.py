@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from gpulocker import allocations, auth, lockouts, maintenance
 from gpulocker.context import Context
@@ -492,3 +492,130 @@ def test_it_answers_an_unknown_page_with_a_page_and_the_api_with_json(
     assert page.status_code == 404 and "There is no such page." in page.get_data(as_text=True)
     api = client.get("/api/v1/no-such-thing")
     assert api.status_code == 404 and api.get_json()["error"]["code"] == "not_found"
+
+
+# --- hostile input: a clear 4xx, never a 500, nothing written -----------------------------
+
+HOSTILE_NEXT = (
+    "/%09/evil.com",  # browsers drop the tab: //evil.com
+    "/%0a/x",  # a newline in the Location header
+    "/%0d%0aSet-Cookie:x=1",
+    "//evil.com",
+    "/%5Cevil.com",  # a backslash reads as a slash
+    "https://evil.com/",
+    "javascript:alert(1)",
+    "evil.com",
+)
+
+
+def test_it_follows_only_same_site_next_targets(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    for target in HOSTILE_NEXT:
+        client = app.test_client()
+        token = csrf_of(client.get(f"/login?next={target}").get_data(as_text=True))
+        response = client.post(
+            f"/login?next={target}",
+            data={"username": ALICE, "password": users[ALICE].password, "csrf_token": token},
+        )
+        assert (response.status_code, response.headers["Location"]) == (302, "/"), target
+        signed_in = client.get(f"/login?next={target}")
+        assert (signed_in.status_code, signed_in.headers["Location"]) == (302, "/"), target
+    kept = client.get("/login?next=/schedule%3Fx%3D1")
+    assert kept.headers["Location"] == "/schedule?x=1"
+    (row,) = allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    response = client.post(
+        f"/allocations/{row.id}/release", data={"next": "/\t/evil.com", "csrf_token": token}
+    )
+    assert (response.status_code, response.headers["Location"]) == (302, "/")
+    assert active_of(ctx, ALICE) == []
+
+
+BIG = "99999999999999999999999"
+TOO_BIG = (BIG, str(2**31))
+
+
+def test_it_answers_ids_no_row_can_have_with_not_found(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    (row,) = allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)
+    client = sign_in(app, users[ADMIN])
+    token = csrf_of(client.get("/").get_data(as_text=True))
+    for big in TOO_BIG:
+        for path in (
+            f"/allocations/{big}/release",
+            f"/allocations/{big}/extend",
+            f"/notifications/{big}/read",
+            f"/settings/tokens/{big}/revoke",
+            f"/admin/allocations/{big}/release",
+        ):
+            response = client.post(path, data={"hours": "1", "csrf_token": token})
+            assert response.status_code == 404, path
+            assert "There is no such" in response.get_data(as_text=True), path
+    assert [a.id for a in active_of(ctx, ALICE)] == [row.id]
+
+
+def test_it_refuses_query_numbers_out_of_range(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)
+    client = sign_in(app, users[ADMIN])
+    for query in ("/notifications?before=", "/admin/events?gpu=", "/admin/events?before="):
+        for bad in (*TOO_BIG, "-1", "abc"):
+            response = client.get(query + bad)
+            assert response.status_code == 422, query + bad
+            assert "enter a whole number from 0 to 2147483647" in response.get_data(as_text=True)
+        assert client.get(query + str(2**31 - 1)).status_code == 200, query
+        assert client.get(query).status_code == 200, query
+    granted = client.get("/admin/events?gpu=0&kind=granted").get_data(as_text=True)
+    assert granted.count(">granted</span>") == 1
+
+
+def test_it_refuses_nul_characters_without_storing_anything(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    from gpulocker import tokens
+
+    anonymous = app.test_client()
+    token = csrf_of(anonymous.get("/login").get_data(as_text=True))
+    response = anonymous.post(
+        "/login", data={"username": f"{ALICE}\x00", "password": "x", "csrf_token": token}
+    )
+    assert response.status_code == 422
+    assert "must not contain NUL characters" in response.get_data(as_text=True)
+    assert "<h1>That did not work</h1>" in response.get_data(as_text=True)
+    admin = sign_in(app, users[ADMIN])
+    for query in ("kind=%00", "user=a%00", "since=%00", "a%00=1"):
+        response = admin.get(f"/admin/events?{query}")
+        assert response.status_code == 422, query
+        assert "must not contain NUL characters" in response.get_data(as_text=True)
+    with ctx.db.session() as session:
+        before = session.scalar(select(func.count()).select_from(Event))
+    for message in ({"user": BOB, "message": "hi\x00"}, {"user": f"{BOB}\x00", "message": "hi"}):
+        status, html = post(admin, "/admin/message", page="/admin/", **message)
+        assert status == 422 and "must not contain NUL characters" in html
+    status, _ = post(admin, "/admin/lockouts/a%00/lift", page="/admin/")
+    assert status == 422
+    status, _ = post(admin, "/settings/tokens", page="/settings", name="lap\x00top")
+    assert status == 422
+    with ctx.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Event)) == before
+        assert session.scalars(select(Notification).where(Notification.user == BOB)).all() == []
+        assert tokens.list_for(session, ADMIN) == []
+
+
+def test_it_keeps_only_the_filters_in_the_events_log_links(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    allocations.request(ctx.db, ctx.settings, BOB, "a100", 1, 1)
+    client = sign_in(app, users[ADMIN])
+    hostile = "endpoint=x&_external=1&_scheme=https&_anchor=a&_method=POST&extra=1"
+    response = client.get(f"/admin/events?{hostile}&user={BOB}&kind=granted&before=2147483647")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200 and html.count(">granted</span>") == 1
+    links = re.findall(r'href="(/admin/events[^"]*)"', html)
+    newest = f"/admin/events?user={BOB}&amp;kind=granted"
+    assert newest in links
+    assert not [link for link in links if re.search(r"endpoint|extra|before|=1|#", link)]
+    assert "http://" not in html and "https://" not in html

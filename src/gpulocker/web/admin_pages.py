@@ -19,12 +19,15 @@ from gpulocker.errors import GPULockerError
 from gpulocker.models import ACTIVE, Allocation, Event
 from gpulocker.notify import admin_message
 from gpulocker.web.errors import status_for
-from gpulocker.web.forms import Page, RequestForm, me, safe_next
+from gpulocker.web.forms import Page, RequestForm, int_arg, me, safe_next
 from gpulocker.web.session import admin_required, get_ctx
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 EVENTS_PAGE = 50
+# The events log's filters: only these go into its paging and filter links (any other
+# argument, such as `endpoint` or `_external`, would be read by url_for itself).
+EVENT_FILTERS = ("user", "kind", "gpu", "since", "until")
 RESET_WORD = "reset"
 
 
@@ -194,17 +197,17 @@ def events_log() -> Page:
     filters: dict[str, Any] = {
         "user": args.get("user", "").strip() or None,
         "kind": args.get("kind", "").strip() or None,
-        "gpu_id": args.get("gpu", type=int),
+        "gpu_id": int_arg("gpu"),
         "since": _parse_time(args.get("since")),
         "until": _parse_time(args.get("until")),
     }
-    before = args.get("before", type=int)
+    before = int_arg("before")
     with get_ctx().db.session() as session:
         rows = events.query(session, **filters, before_id=before, limit=EVENTS_PAGE + 1)
         kinds = sorted(session.scalars(select(Event.kind).distinct()))
     more = len(rows) > EVENTS_PAGE
     rows = rows[:EVENTS_PAGE]
-    query: dict[str, Any] = {k: v for k, v in args.items() if k != "before" and v}
+    query: dict[str, Any] = {k: args[k] for k in EVENT_FILTERS if args.get(k)}
     return render_template(
         "admin/events.html",
         rows=rows,

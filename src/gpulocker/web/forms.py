@@ -3,12 +3,22 @@ signed in, and which redirect targets are safe."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from flask import request
 from werkzeug.wrappers import Response as BaseResponse
 
-from gpulocker.errors import GPULockerError, Invalid, LockedOut, Maintenance, NotEnoughGPUs
+from gpulocker.errors import (
+    GPULockerError,
+    Invalid,
+    LockedOut,
+    Maintenance,
+    NotEnoughGPUs,
+    NotFound,
+)
+from gpulocker.web.schemas import MAX_ID
 from gpulocker.web.session import current_user
 
 Page = str | BaseResponse | tuple[str, int]
@@ -22,10 +32,58 @@ def me() -> str:
 
 
 def safe_next(target: str | None, default: str) -> str:
-    """Only same-site paths are followed after sign-in or a form (no open redirect)."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return default
+    """Only same-site paths are followed after sign-in or a form (no open redirect).
+
+    Browsers drop tabs and newlines from a URL and read a backslash as a slash, so
+    "/\t/evil.com" or "/\\evil.com" would leave the site; a control character in a
+    Location header is also a crash. Anything with either falls back to `default`.
+    """
+    if not target or any(ord(c) < 0x20 or c in "\\\x7f" for c in target):
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return default
+    if not parts.path.startswith("/") or parts.path.startswith("//"):
+        return default
+    return target
+
+
+def int_arg(name: str) -> int | None:
+    """A whole-number query argument (an id or a GPU), None when left empty.
+
+    Refused (422) when it is not a number or out of 0..MAX_ID, as the API does: SQLite
+    cannot bind an integer beyond 64 bits, and no id beyond MAX_ID exists.
+    """
+    raw = request.args.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_ID:
+        raise Invalid(f"{name}: enter a whole number from 0 to {MAX_ID}")
+    return value
+
+
+def check_input() -> None:
+    """Refuse what no view could store before any view runs.
+
+    Ids in the path beyond MAX_ID cannot exist (404); NUL characters in a form, a query
+    or a path value cannot be stored by PostgreSQL (422). Either way the styled error
+    page answers and nothing is written.
+    """
+    for name, value in (request.view_args or {}).items():
+        if isinstance(value, int) and not 0 <= value <= MAX_ID:
+            raise NotFound(f"There is no such {name.replace('_', ' ')}.")
+    _refuse_nul("the address", (request.view_args or {}).values())
+    _refuse_nul("the address", (t for pair in request.args.items(multi=True) for t in pair))
+    _refuse_nul("the form", (t for pair in request.form.items(multi=True) for t in pair))
+
+
+def _refuse_nul(where: str, texts: Iterable[object]) -> None:
+    if any(isinstance(t, str) and "\x00" in t for t in texts):
+        raise Invalid(f"Text in {where} must not contain NUL characters.")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from gpulocker.models import Setting, utcnow
 from gpulocker.notify import telegram
 from gpulocker.web import admin_pages, formatting
 from gpulocker.web.errors import error_response, status_for, wants_json
-from gpulocker.web.forms import Page, RequestForm, me, safe_next
+from gpulocker.web.forms import Page, RequestForm, check_input, int_arg, me, safe_next
 from gpulocker.web.session import (
     CSRF_FIELD,
     check_csrf,
@@ -64,6 +64,12 @@ RECENT = 5
 def _require_csrf() -> None:
     """Every form posted to a page must carry the session's CSRF token."""
     check_csrf()
+
+
+@bp.before_request
+def _check_input() -> None:
+    """Ids no row can have, and NUL characters, are refused before any view runs."""
+    check_input()
 
 
 @bp.errorhandler(GPULockerError)
@@ -313,7 +319,7 @@ def disk() -> Page:
 @login_required
 def notifications() -> Page:
     """My inbox, newest first, a page at a time."""
-    before = request.args.get("before", type=int)
+    before = int_arg("before")
     with get_ctx().db.session() as session:
         items = inbox.list_for(session, me(), limit=INBOX_PAGE + 1, before_id=before)
     older = items[INBOX_PAGE - 1].id if len(items) > INBOX_PAGE else None
