@@ -171,3 +171,42 @@ def test_the_command_stops_with_one_line_naming_the_key(
     assert len(lines) == 1 and lines[0].startswith(
         f"gpulocker: configuration error: {key}: expected"
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "command", "expected"),
+    [
+        ({"LOG_FILE": "/nonexistent/dir/gpulocker.log"}, ["db", "upgrade"], "LOG_FILE: expected"),
+        ({"STATE_DIR": "/proc/no-such-dir"}, ["db", "upgrade"], "STATE_DIR: expected"),
+        (
+            {"DATABASE_URL": "postgresql://nobody:hunter2@127.0.0.1:1/none"},
+            ["db", "upgrade"],
+            "DATABASE_URL: cannot use the database at",
+        ),
+        (
+            {"GPU_BACKEND": "smi", "PATH": "/usr/bin:/bin"},
+            ["serve", "--port", "1"],
+            "no NVIDIA driver found; run with --simulate",
+        ),
+    ],
+)
+def test_what_cannot_be_used_stops_with_one_line(
+    tmp_path: Path, env: dict[str, str], command: list[str], expected: str
+) -> None:
+    base = {k: v for k, v in os.environ.items() if k not in KEYS}
+    base.update({"STATE_DIR": str(tmp_path / "state"), "LOG_FILE": "", **env})
+    if "LOG_FILE" in env:  # configure_logging runs in the long-running commands
+        command = ["agent", "--simulate", '{"4090": 1}']
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpulocker", *command],
+        cwd=tmp_path,
+        env=base,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode in (1, 2)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("gpulocker: ")]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "hunter2" not in proc.stderr

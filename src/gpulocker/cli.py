@@ -141,7 +141,19 @@ def serve_command(simulate: str | None, host: str | None, port: int | None) -> N
 
     settings = _with_address(settings_from_env(simulate), host, port)
     configure_logging(settings)
+    _check_backend(settings)
     sys.exit(server.serve(settings, simulate))
+
+
+def _check_backend(settings: Settings) -> None:
+    """Stop at once, with one line, when there are no GPUs to manage (no driver...), rather
+    than starting a web server beside an agent that can never run."""
+    from gpulocker.gpus import BackendUnavailable, make_backend
+
+    try:
+        make_backend(settings).close()
+    except BackendUnavailable as exc:
+        fail(str(exc))
 
 
 @main.command("web")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from gpulocker.config import Settings
+from gpulocker.config import ConfigError, Settings
 from gpulocker.db import Database
 
 if TYPE_CHECKING:
@@ -65,7 +65,15 @@ def configure_logging(settings: Settings, stream: bool = True) -> None:
     if stream:
         handlers.append(logging.StreamHandler(sys.stderr))
     if settings.log_file:
-        handlers.append(logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8"))
+        try:
+            handlers.append(
+                logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8")
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"LOG_FILE: expected a file GPULocker can write, got {settings.log_file!r} "
+                f"({exc.strerror})"
+            ) from None
     for handler in handlers:
         handler.setFormatter(fmt)
         handler._gpulocker = True  # type: ignore[attr-defined]

@@ -20,7 +20,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from gpulocker.config import ConfigError
+from gpulocker.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,14 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, **kwargs)
     if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(parsed.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"STATE_DIR: expected a directory GPULocker can create for the database "
+                f"(DATABASE_URL), got {str(folder)!r} ({exc.strerror})"
+            ) from None
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
 
     @event.listens_for(engine, "connect")
@@ -86,8 +97,18 @@ class Database:
             yield session
 
     def upgrade(self) -> None:
-        """Bring the schema to the newest migration (safe to run every start)."""
-        upgrade(self.engine)
+        """Bring the schema to the newest migration (safe to run every start).
+
+        An unreachable database is an `Unavailable` naming DATABASE_URL, not a traceback.
+        """
+        try:
+            upgrade(self.engine)
+        except OperationalError as exc:
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            shown = make_url(self.url).render_as_string(hide_password=True)
+            raise Unavailable(
+                f"DATABASE_URL: cannot use the database at {shown}: {reason}"
+            ) from None
 
     def dispose(self) -> None:
         """Close every pooled connection."""

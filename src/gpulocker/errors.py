@@ -54,3 +54,9 @@ class Conflict(GPULockerError):
     """The thing is not in a state that allows this (e.g. extending a released allocation)."""
 
     code = "conflict"
+
+
+class Unavailable(GPULockerError):
+    """A service GPULocker needs (the database) cannot be reached; says which key to check."""
+
+    code = "unavailable"
