@@ -331,13 +331,28 @@ def status(client: Client, as_json: bool) -> None:
         echo(line)
 
 
+def request_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of a request, shared by `request` and `admin allocate`."""
+    for option in reversed(
+        [
+            click.option("-t", "--type", "gpu_type", required=True, help="GPU type, e.g. 4090."),
+            click.option(
+                "-n",
+                "--count",
+                type=click.IntRange(min=1),
+                default=None,
+                help="How many GPUs (default 1).",
+            ),
+            click.option("--hours", type=float, required=True, help="For how long (e.g. 0.5, 24)."),
+            click.option("--gpu-ids", default=None, help="Exactly these GPUs, e.g. 0,1."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @click.command("request")
-@click.option("-t", "--type", "gpu_type", required=True, help="GPU type, e.g. 4090.")
-@click.option(
-    "-n", "--count", type=click.IntRange(min=1), default=None, help="How many GPUs (default 1)."
-)
-@click.option("--hours", type=float, required=True, help="For how long (e.g. 0.5, 24).")
-@click.option("--gpu-ids", default=None, help="Exactly these GPUs, e.g. 0,1.")
+@request_options
 @json_option
 @client_command
 def request(
@@ -598,12 +613,7 @@ def admin_notify(client: Client, user: str, message: str, as_json: bool) -> None
 
 @admin.command("allocate")
 @click.argument("user")
-@click.option("-t", "--type", "gpu_type", required=True, help="GPU type, e.g. 4090.")
-@click.option(
-    "-n", "--count", type=click.IntRange(min=1), default=None, help="How many GPUs (default 1)."
-)
-@click.option("--hours", type=float, required=True, help="For how long.")
-@click.option("--gpu-ids", default=None, help="Exactly these GPUs, e.g. 0,1.")
+@request_options
 @json_option
 @client_command
 def admin_allocate(
