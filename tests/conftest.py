@@ -20,7 +20,8 @@ from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
 from gpulocker.gpus.simulated import SimulatedBackend
 from gpulocker.inventory import register, types_from_config
-from tests.helpers import ADMIN, ALL_USERS, IS_ROOT, RUN, TestUser, password_for
+from tests.fake_pynvml import machines
+from tests.helpers import ADMIN, ALICE, ALL_USERS, IS_ROOT, RUN, TestUser, password_for
 
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # A Redis database number per run (1-15), so parallel runs rarely flush each other.
@@ -188,3 +189,28 @@ def pam_service() -> Iterator[str]:
     )
     yield PAM_SERVICE
     path.unlink(missing_ok=True)
+
+
+# --- the captured `lab` machine of the GPU backend tests (nvml and smi alike) ------------
+
+GONE_PID = 4_999_999  # above the kernel's largest pid: never a live process
+
+
+@pytest.fixture
+def alice_process(users: dict[str, TestUser]) -> Iterator[subprocess.Popen[bytes]]:
+    """A real process owned by alice, standing for her training job on a GPU."""
+    alice = users[ALICE]
+    proc = subprocess.Popen(["sleep", "120"], user=alice.uid, group=alice.gid, extra_groups=[])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def lab_pids(alice_process: subprocess.Popen[bytes]) -> dict[int, int]:
+    """The captured pids of the `lab` machine mapped to live ones (and one that is gone)."""
+    return {
+        machines.LAB_PIDS["alice"]: alice_process.pid,
+        machines.LAB_PIDS["mig"]: os.getpid(),
+        machines.LAB_PIDS["gone"]: GONE_PID,
+    }

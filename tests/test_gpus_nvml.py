@@ -19,28 +19,6 @@ from tests import fake_pynvml
 from tests.fake_pynvml import FakeGpu, Machine, machines
 from tests.helpers import TestUser
 
-GONE_PID = 4_999_999  # above the kernel's largest pid: never a live process
-
-
-@pytest.fixture
-def alice_process(users: dict[str, TestUser]) -> Iterator[subprocess.Popen[bytes]]:
-    """A real process owned by alice, standing for her training job on a GPU."""
-    alice = next(u for name, u in users.items() if name.endswith("_alice"))
-    proc = subprocess.Popen(["sleep", "120"], user=alice.uid, group=alice.gid, extra_groups=[])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
-@pytest.fixture
-def lab_pids(alice_process: subprocess.Popen[bytes]) -> dict[int, int]:
-    """The captured pids of the `lab` machine mapped to live ones (and one that is gone)."""
-    return {
-        machines.LAB_PIDS["alice"]: alice_process.pid,
-        machines.LAB_PIDS["mig"]: os.getpid(),
-        machines.LAB_PIDS["gone"]: GONE_PID,
-    }
-
 
 @pytest.fixture
 def lab(monkeypatch: pytest.MonkeyPatch, lab_pids: dict[int, int]) -> Machine:

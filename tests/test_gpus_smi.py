@@ -4,8 +4,6 @@ same GPUs and the same samples as the nvml backend does from the same machine.""
 from __future__ import annotations
 
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +15,6 @@ from gpulocker.gpus.nvml import NvmlBackend
 from gpulocker.gpus.smi import GpuFailed, SmiBackend, parse_minors, value
 from tests import fake_pynvml
 from tests.fake_pynvml import machines
-from tests.helpers import TestUser
-
-GONE_PID = 4_999_999
-
-
-@pytest.fixture
-def alice_process(users: dict[str, TestUser]) -> Iterator[subprocess.Popen[bytes]]:
-    """A real process owned by alice."""
-    alice = next(u for name, u in users.items() if name.endswith("_alice"))
-    proc = subprocess.Popen(["sleep", "120"], user=alice.uid, group=alice.gid, extra_groups=[])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
-@pytest.fixture
-def lab_pids(alice_process: subprocess.Popen[bytes]) -> dict[int, int]:
-    return {
-        machines.LAB_PIDS["alice"]: alice_process.pid,
-        machines.LAB_PIDS["mig"]: os.getpid(),
-        machines.LAB_PIDS["gone"]: GONE_PID,
-    }
 
 
 @pytest.fixture
