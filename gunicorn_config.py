@@ -6,6 +6,6 @@ A `--workers=N` on the command line still wins.
 """
 
 from gpulocker.config import load_settings
-from gpulocker.server import gunicorn_options
+from gpulocker.web.server import gunicorn_options
 
 globals().update(gunicorn_options(load_settings()))

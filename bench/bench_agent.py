@@ -37,8 +37,9 @@ from pathlib import Path
 
 import psycopg
 
-from gpulocker import access, allocations, procfs
-from gpulocker.agent import Agent
+from gpulocker import allocations, procfs
+from gpulocker.agent import access
+from gpulocker.agent.loop import Agent
 from gpulocker.config import Settings
 from gpulocker.context import Context, open_context
 from gpulocker.gpus.simulated import SimulatedBackend, device_file

@@ -36,7 +36,7 @@ from gpulocker.config import Settings
 from gpulocker.context import open_context
 from gpulocker.gpus.simulated import SimulatedBackend, write_load
 from gpulocker.inventory import register, types_from_config
-from gpulocker.server import run_web
+from gpulocker.web.server import run_web
 
 WORKERS = 2
 ROUNDS = 5  # alternating ours/baseline; the machine is shared, so keep the best of each

@@ -27,7 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gpulocker import allocations, gpustatus, live, localapi
+from gpulocker import allocations, gpustatus, live
+from gpulocker.agent import localapi
 from gpulocker.config import Settings
 from gpulocker.context import Context, open_context
 from gpulocker.gpus.simulated import SimulatedBackend
@@ -120,7 +121,7 @@ def bench_operations(ctx: Context, path: Path, requests: int) -> None:
 
 
 def localapi_client(path: Path) -> object:
-    from gpulocker.client import SocketClient
+    from gpulocker.cli.client import SocketClient
 
     return SocketClient(path)
 

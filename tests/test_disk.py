@@ -14,7 +14,7 @@ import pytest
 import time_machine
 
 from gpulocker import disk
-from gpulocker.agent import Agent
+from gpulocker.agent.loop import Agent
 from gpulocker.background import worker_for
 from gpulocker.context import Context
 from gpulocker.models import utcnow

@@ -12,7 +12,7 @@ import time_machine
 from sqlalchemy import func, insert, select
 
 from gpulocker import allocations, history, live, monitor
-from gpulocker.agent import Agent
+from gpulocker.agent.loop import Agent
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database

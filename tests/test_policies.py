@@ -15,7 +15,7 @@ import time_machine
 from sqlalchemy import select
 
 from gpulocker import allocations, lease, policies
-from gpulocker.agent import Agent
+from gpulocker.agent.loop import Agent
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database

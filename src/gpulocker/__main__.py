@@ -1,3 +1,3 @@
-from gpulocker.cli import main
+from gpulocker.cli.main import main
 
 main()

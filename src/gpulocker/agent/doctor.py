@@ -273,7 +273,7 @@ def _probe_dir(settings: Settings) -> Path | None:
 
 def check_acl(settings: Settings) -> list[Check]:
     """Set the ACL GPULocker writes on a temporary file in DEVICE_DIR and read it back."""
-    from gpulocker import access
+    from gpulocker.agent import access
 
     directory = _probe_dir(settings)
     if directory is None:

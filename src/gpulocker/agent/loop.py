@@ -38,7 +38,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from gpulocker import access, allocations, events, heartbeat, inventory, live, localapi, procfs
+from gpulocker import allocations, events, heartbeat, inventory, live, procfs
+from gpulocker.agent import access, localapi
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.gpus import GpuBackend, GpuSample, make_backend
@@ -527,7 +528,8 @@ def heartbeat_step(agent: Agent) -> bool:
 
 def default_steps() -> list[Step]:
     """The agent's steps, in the order each tick runs them."""
-    from gpulocker import disk, monitor, policies, violations
+    from gpulocker import disk, monitor, policies
+    from gpulocker.agent import violations
     from gpulocker.notify import outbox, telegram
 
     return [

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
-from gpulocker import allocations, lockouts, violations
-from gpulocker.agent import Agent
+from gpulocker import allocations, lockouts
+from gpulocker.agent import violations
+from gpulocker.agent.loop import Agent
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
@@ -19,7 +20,7 @@ from gpulocker.gpus import GpuProcess, GpuSample
 from gpulocker.gpus.simulated import device_file
 from gpulocker.models import Event, Notification, utcnow
 from tests.helpers import ADMIN, ALICE, BOB, CAROL, hold_open_as
-from tests.test_agent import take_database_away
+from tests.agent.test_agent import take_database_away
 
 
 def gpu(settings: Settings, gpu_id: int) -> str:

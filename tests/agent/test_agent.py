@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from gpulocker import access, allocations, events, heartbeat, live
-from gpulocker.agent import POLL_SECONDS, Agent, Step, start_in_thread
+from gpulocker import allocations, events, heartbeat, live
+from gpulocker.agent import access
+from gpulocker.agent.loop import POLL_SECONDS, Agent, Step, start_in_thread
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
@@ -34,7 +35,7 @@ from tests.helpers import (
     try_open_as,
     wait_for,
 )
-from tests.test_access import make_late_user
+from tests.agent.test_access import make_late_user
 
 
 @pytest.fixture

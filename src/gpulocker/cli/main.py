@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from gpulocker.cli_client import register as register_client_commands
+from gpulocker.cli.commands import register as register_client_commands
 from gpulocker.config import ConfigError, Settings, load_settings, simulated_gpu_config
 from gpulocker.errors import GPULockerError
 
@@ -102,7 +102,7 @@ def sim_load(gpu_id: int, util: float, mem_mib: float, error: str | None) -> Non
 @handle_errors
 def doctor_command(simulate: str | None) -> None:
     """Check this host (driver, device files, ACLs, PAM, database, Redis, agent, clock)."""
-    from gpulocker import doctor
+    from gpulocker.agent import doctor
 
     checks = doctor.run_checks(settings_from_env(simulate))
     click.echo(doctor.render(checks))
@@ -114,7 +114,7 @@ def doctor_command(simulate: str | None) -> None:
 @handle_errors
 def agent_command(simulate: str | None) -> None:
     """The privileged agent: enforces GPU access, samples GPUs, runs the policies."""
-    from gpulocker.agent import serve_forever
+    from gpulocker.agent.loop import serve_forever
     from gpulocker.context import configure_logging, open_context
     from gpulocker.gpus import BackendUnavailable
 
@@ -136,8 +136,8 @@ def agent_command(simulate: str | None) -> None:
 @handle_errors
 def serve_command(simulate: str | None, host: str | None, port: int | None) -> None:
     """Web server and agent in one command (SQLite, no other service needed)."""
-    from gpulocker import server
     from gpulocker.context import configure_logging
+    from gpulocker.web import server
 
     settings = _with_address(settings_from_env(simulate), host, port)
     configure_logging(settings)
@@ -164,8 +164,8 @@ def _check_backend(settings: Settings) -> None:
 @handle_errors
 def web_command(host: str | None, port: int | None, workers: int | None, quiet: bool) -> None:
     """The web server and API only, under gunicorn (agents run on the GPU hosts)."""
-    from gpulocker import server
     from gpulocker.context import configure_logging
+    from gpulocker.web import server
 
     settings = _with_address(settings_from_env(), host, port)
     configure_logging(settings)

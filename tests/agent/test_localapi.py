@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from gpulocker import allocations, heartbeat, localapi
+from gpulocker import allocations, heartbeat
+from gpulocker.agent import localapi
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.models import ACTIVE, RELEASED, Allocation, Event, utcnow
@@ -301,7 +302,7 @@ def test_close_ends_open_connections(ctx: Context, socket_path: Path) -> None:
 def test_the_agent_serves_the_socket_and_a_grant_waits_for_access(
     ctx: Context, settings: Settings, users: dict[str, TestUser]
 ) -> None:
-    from gpulocker.agent import start_in_thread
+    from gpulocker.agent.loop import start_in_thread
 
     path = settings.local_socket_path
     _agent, stop, thread = start_in_thread(ctx)

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from gpulocker import access
+from gpulocker.agent import access
 from gpulocker.gpus.simulated import ensure_device_file
 from tests.helpers import (
     ALICE,

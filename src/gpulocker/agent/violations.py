@@ -28,7 +28,7 @@ from gpulocker.models import Allocation
 from gpulocker.notify import notify
 
 if TYPE_CHECKING:
-    from gpulocker.agent import Agent
+    from gpulocker.agent.loop import Agent
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The terminal commands of a GPU user and an admin: status, request, list, release,
 extend, admin, login.
 
-They reach GPULocker through gpulocker.client (the agent's local socket, or HTTP with a
+They reach GPULocker through gpulocker.cli.client (the agent's local socket, or HTTP with a
 token) and only print: every rule lives in the core behind the socket or the API.
 Human output is for people (a table, colour on a terminal); `--json` is for scripts.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from gpulocker.client import (
+from gpulocker.cli.client import (
     Client,
     ClientError,
     connect,

@@ -12,11 +12,12 @@ import time_machine
 from click.testing import CliRunner
 from sqlalchemy import text
 
-from gpulocker import doctor, heartbeat
-from gpulocker.cli import main
+from gpulocker import heartbeat
+from gpulocker.agent import doctor
+from gpulocker.agent.doctor import FAIL, OK, WARN, Check, HostPaths
+from gpulocker.cli.main import main
 from gpulocker.config import Settings
 from gpulocker.db import Database
-from gpulocker.doctor import FAIL, OK, WARN, Check, HostPaths
 from gpulocker.gpus import NO_DRIVER
 from gpulocker.models import utcnow
 from tests import fake_pynvml

@@ -17,8 +17,8 @@ from gpulocker import allocations, tokens
 from gpulocker.context import Context
 from gpulocker.web import api, health
 from gpulocker.web.openapi import OPERATIONS
-from tests.api_fixtures import Headers, app, bearer, client
 from tests.helpers import ALICE, BOB
+from tests.web.api_fixtures import Headers, app, bearer, client
 
 __all__ = ["api", "app", "bearer", "client", "health"]  # the modules declare the endpoints
 

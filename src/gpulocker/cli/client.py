@@ -39,7 +39,7 @@ class ClientError(Exception):
 
 
 class Client(Protocol):
-    """Something that answers the operations of gpulocker.localapi."""
+    """Something that answers the operations of gpulocker.agent.localapi."""
 
     where: str
 

@@ -21,9 +21,10 @@ from click.testing import CliRunner, Result
 from sqlalchemy import select
 from werkzeug.serving import make_server
 
-from gpulocker import allocations, live, localapi, lockouts
-from gpulocker.cli import main
-from gpulocker.cli_client import duration, staleness_note, time_left
+from gpulocker import allocations, live, lockouts
+from gpulocker.agent import localapi
+from gpulocker.cli.commands import duration, staleness_note, time_left
+from gpulocker.cli.main import main
 from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
 from gpulocker.gpus.simulated import SimulatedBackend, write_load
@@ -434,7 +435,7 @@ def test_http_refusals_read_like_the_socket(
 
 def test_the_terminal_commands_start_without_the_database_or_web_libraries() -> None:
     code = (
-        "import sys, gpulocker.cli\n"
+        "import sys, gpulocker.cli.main\n"
         "print(sorted(m for m in ('sqlalchemy', 'flask', 'urllib.request') if m in sys.modules))"
     )
     result = subprocess.run(

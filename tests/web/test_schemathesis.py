@@ -27,8 +27,8 @@ from schemathesis.specs.openapi.checks import (
 from gpulocker import tokens
 from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
-from tests.api_fixtures import app
 from tests.helpers import ADMIN, ALICE
+from tests.web.api_fixtures import app
 
 __all__ = ["app"]
 

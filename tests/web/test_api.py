@@ -10,7 +10,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from gpulocker import agent, allocations, live, lockouts, tokens
+from gpulocker import allocations, live, lockouts, tokens
+from gpulocker.agent import loop as agent
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
@@ -19,9 +20,9 @@ from gpulocker.models import GpuSample, utcnow
 from gpulocker.web import create_app
 from gpulocker.web.session import login_user, logout_user
 from gpulocker.web.status_cache import STATUS_CACHE
-from tests.api_fixtures import Headers, app, bearer, client
 from tests.conftest import REDIS_URL, TEST_HOST
 from tests.helpers import ADMIN, ALICE, BOB, TestUser
+from tests.web.api_fixtures import Headers, app, bearer, client
 
 __all__ = ["app", "bearer", "client"]  # fixtures used here
 

@@ -257,7 +257,7 @@ def test_it_links_a_chat_with_a_start_code(tg_ctx: Context, fake: FakeTelegram) 
 def test_the_agent_delivers_in_the_background_and_after_a_restart(
     tg_settings: Settings, db: Database, fake: FakeTelegram
 ) -> None:
-    from gpulocker.agent import Agent
+    from gpulocker.agent.loop import Agent
     from gpulocker.background import worker_for
 
     link(db, ALICE, ALICE_CHAT)
@@ -286,7 +286,7 @@ def test_the_agent_links_chats_in_the_background_one_reader_at_a_time(
     tg_ctx: Context, fake: FakeTelegram
 ) -> None:
     from gpulocker import lease
-    from gpulocker.agent import Agent
+    from gpulocker.agent.loop import Agent
     from gpulocker.background import worker_for
 
     code = telegram.start_link(tg_ctx.db, BOB)
