@@ -5,14 +5,18 @@ answer after about the same time (every failure is padded to `FAILURE_FLOOR_SECO
 which covers pam_unix's own delay). Throttling: after `USER_LIMIT` failures for one user
 name, or `ADDRESS_LIMIT` from one client address, within `WINDOW_SECONDS`, further
 attempts are refused with `Throttled` (and its `retry_after`) without asking PAM at all.
-Failures are counted in Redis when there is one (shared by every worker), else in the
-`login_failures` table.
+
+Failures are counted in the `login_failures` table, never in Redis: Redis is a cache that
+a local user may reach, and a counter there could be wiped between guesses or stuffed to
+lock a victim out (SPEC §12). Each attempt is counted *before* PAM is asked and forgiven
+after a success, so parallel attempts cannot all pass the check before any is counted.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pwd
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +35,6 @@ USER_LIMIT = 5
 ADDRESS_LIMIT = 20
 FAILURE_FLOOR_SECONDS = 3.0
 FAILED = "wrong user name or password"
-REDIS_PREFIX = "gpulocker:login_failures:"
 
 # libpam modules are not all thread-safe; one conversation at a time per process.
 _pam_lock = threading.Lock()
@@ -96,12 +99,13 @@ def authenticate(
     """
     attempt = Attempt(username.strip(), address or "unknown")
     check_throttle(ctx, attempt)
+    counted = reserve(ctx, attempt)
     started = time.monotonic()
     if pam_check(ctx.settings.pam_service, attempt.username, password):
-        clear_failures(ctx, attempt)
+        clear_failures(ctx, attempt, counted)
         return attempt.username
-    record_failure(ctx, attempt)
-    log.info("failed sign-in for %r from %s", attempt.username, attempt.address)
+    # The typed name is not logged: it is often a password typed into the wrong box.
+    log.info("failed sign-in from %s (%s)", attempt.address, _known(attempt.username))
     remaining = floor_seconds - (time.monotonic() - started)
     if remaining > 0:
         time.sleep(remaining)
@@ -114,52 +118,79 @@ def check_throttle(ctx: Context, attempt: Attempt) -> None:
     for key, limit in attempt.keys:
         failures = _recent_failures(ctx, key, now)
         if len(failures) >= limit:
-            oldest_counted = failures[-limit]
-            wait = (oldest_counted + timedelta(seconds=WINDOW_SECONDS) - now).total_seconds()
-            retry_after = max(1, math.ceil(wait))
-            raise Throttled(
-                f"too many failed sign-ins; try again in {retry_after} s", retry_after=retry_after
-            )
+            raise _throttled(failures[-limit], now)
 
 
-def record_failure(ctx: Context, attempt: Attempt) -> None:
-    """Count one failure under each key of the attempt."""
+def _throttled(oldest_counted: datetime, now: datetime) -> Throttled:
+    """The refusal, saying when the oldest counted failure leaves the window."""
+    wait = (oldest_counted + timedelta(seconds=WINDOW_SECONDS) - now).total_seconds()
+    retry_after = max(1, math.ceil(wait))
+    return Throttled(
+        f"too many failed sign-ins; try again in {retry_after} s", retry_after=retry_after
+    )
+
+
+def reserve(ctx: Context, attempt: Attempt) -> list[int]:
+    """Count this attempt as a failure now, before PAM is asked; refuse it when that puts
+    either counter over its limit. Returns the ids of the rows written (for forgiving).
+
+    Each attempt commits its own rows and then counts: the k-th attempt to commit sees at
+    least k, so of any number of parallel attempts at most the limit reach PAM.
+    """
+    ids = record_failure(ctx, attempt)
     now = utcnow()
-    if ctx.redis is not None:
-        pipe = ctx.redis.pipeline()
-        for key, _limit in attempt.keys:
-            stamp = now.timestamp()
-            pipe.zadd(REDIS_PREFIX + key, {f"{stamp}:{time.monotonic_ns()}": stamp})
-            pipe.expire(REDIS_PREFIX + key, WINDOW_SECONDS + 60)
-        pipe.execute()
-        return
+    for key, limit in attempt.keys:
+        failures = _recent_failures(ctx, key, now)
+        if len(failures) > limit:
+            _forget(ctx, ids)
+            raise _throttled(failures[-limit - 1], now)
+    return ids
+
+
+def record_failure(ctx: Context, attempt: Attempt) -> list[int]:
+    """Count one failure under each key of the attempt; the new rows' ids."""
+    now = utcnow()
     cutoff = now - timedelta(seconds=WINDOW_SECONDS)
     with ctx.db.transaction() as session:
+        rows = []
         for key, _limit in attempt.keys:
             session.execute(
                 delete(LoginFailure).where(LoginFailure.key == key, LoginFailure.at < cutoff)
             )
-            session.add(LoginFailure(key=key, at=now))
+            rows.append(LoginFailure(key=key, at=now))
+        session.add_all(rows)
+        session.flush()
+        return [row.id for row in rows]
 
 
-def clear_failures(ctx: Context, attempt: Attempt) -> None:
-    """A successful sign-in forgives the user name's failures (not the address's)."""
+def clear_failures(ctx: Context, attempt: Attempt, counted: list[int] | None = None) -> None:
+    """A successful sign-in forgives the user name's failures, and this attempt's own count
+    under its address (not the address's earlier failures)."""
     key = attempt.keys[0][0]
-    if ctx.redis is not None:
-        ctx.redis.delete(REDIS_PREFIX + key)
-        return
     with ctx.db.transaction() as session:
         session.execute(delete(LoginFailure).where(LoginFailure.key == key))
+    _forget(ctx, counted or [])
+
+
+def _forget(ctx: Context, ids: list[int]) -> None:
+    """Remove the failure rows `ids` (an attempt that was refused or succeeded)."""
+    if ids:
+        with ctx.db.transaction() as session:
+            session.execute(delete(LoginFailure).where(LoginFailure.id.in_(ids)))
+
+
+def _known(username: str) -> str:
+    """Whether the typed name is an account here, without repeating what was typed."""
+    try:
+        pwd.getpwnam(username)
+    except (KeyError, ValueError, OSError):
+        return "no such account"
+    return f"account {username}"
 
 
 def _recent_failures(ctx: Context, key: str, now: datetime) -> list[datetime]:
     """Times of the failures under `key` within the window, oldest first."""
     cutoff = now - timedelta(seconds=WINDOW_SECONDS)
-    if ctx.redis is not None:
-        name = REDIS_PREFIX + key
-        ctx.redis.zremrangebyscore(name, "-inf", cutoff.timestamp())
-        scores = ctx.redis.zrangebyscore(name, cutoff.timestamp(), "+inf", withscores=True)
-        return [datetime.fromtimestamp(score, now.tzinfo) for _member, score in scores]
     with ctx.db.session() as session:
         stmt = (
             select(LoginFailure.at)
@@ -171,8 +202,6 @@ def _recent_failures(ctx: Context, key: str, now: datetime) -> list[datetime]:
 
 def failure_count(ctx: Context, key: str) -> int:
     """How many failures are counted under `key` now (for tests and the admin)."""
-    if ctx.redis is not None:
-        return len(_recent_failures(ctx, key, utcnow()))
     cutoff = utcnow() - timedelta(seconds=WINDOW_SECONDS)
     with ctx.db.session() as session:
         stmt = select(func.count()).where(LoginFailure.key == key, LoginFailure.at >= cutoff)
