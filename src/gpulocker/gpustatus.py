@@ -19,8 +19,8 @@ from gpulocker.models import ACTIVE, Allocation, Gpu, utcnow
 def snapshot(ctx: Context, with_users: bool = True) -> dict[str, Any]:
     """Every managed GPU with its newest sample and holder.
 
-    `with_users=False` leaves out holders and processes (for anonymous viewers), keeping
-    the metrics.
+    `with_users=False` leaves out holders, processes, allocation ids and end times (for
+    anonymous viewers), keeping the metrics and whether the GPU is taken (`held`).
     """
     samples = live.read(ctx)
     with ctx.db.session() as session:
@@ -34,10 +34,9 @@ def snapshot(ctx: Context, with_users: bool = True) -> dict[str, Any]:
         gpu_row(gpu, samples.get((gpu.host, gpu.gpu_id)), holders.get((gpu.host, gpu.gpu_id)))
         for gpu in gpus
     ]
-    if not with_users:
+    if not with_users:  # anonymous: metrics only, nothing about who holds what until when
         for row in rows:
-            row["holder"] = None
-            row["processes"] = []
+            row.update(holder=None, processes=[], allocation_id=None, expires_at=None)
     return {"at": utcnow().isoformat(), "maintenance": in_maintenance, "gpus": rows}
 
 
@@ -60,6 +59,7 @@ def gpu_row(gpu: Gpu, sample: dict[str, Any] | None, holder: Allocation | None) 
         "memory_total_mib": sample.get("memory_total_mib") or gpu.memory_total_mib,
         "temperature_c": sample.get("temperature_c"),
         "power_w": sample.get("power_w"),
+        "held": holder is not None,
         "holder": holder.user if holder else None,
         "allocation_id": holder.id if holder else None,
         "expires_at": holder.expires_at.isoformat() if holder else None,

@@ -111,9 +111,10 @@ class GpuStatusRow(Out):
     memory_total_mib: float | None
     temperature_c: float | None
     power_w: float | None
+    held: bool = Field(description="whether someone holds the GPU now")
     holder: str | None = Field(description="null for anonymous callers")
-    allocation_id: int | None
-    expires_at: Timestamp | None
+    allocation_id: int | None = Field(description="null for anonymous callers")
+    expires_at: Timestamp | None = Field(description="null for anonymous callers")
     processes: list[GpuProcessOut] = Field(description="empty for anonymous callers")
 
 
