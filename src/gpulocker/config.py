@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 from collections.abc import Callable, Mapping
@@ -22,6 +23,16 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("nvml", "smi", "simulated")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+
+
+SECRET_KEYS = ("SECRET_KEY", "TELEGRAM_BOT_TOKEN")
+# `scheme://user:password@` anywhere in a value: the password part is never echoed.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^@\s]*@")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***` (for messages)."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", text)
 
 
 class ConfigError(ValueError):
@@ -336,7 +347,7 @@ def load_settings(
         try:
             values[name] = parse(text)
         except ValueError as exc:
-            shown = "<hidden>" if key in ("SECRET_KEY", "TELEGRAM_BOT_TOKEN") else repr(text)
+            shown = "<hidden>" if key in SECRET_KEYS else repr(redact_urls(text))
             raise ConfigError(f"{key}: expected {exc}, got {shown}") from None
     values.setdefault("state_dir", default_state_dir())
     values.setdefault("gpu_host", "")
