@@ -88,6 +88,7 @@ class Settings:
     telegram_api_url: str = "https://api.telegram.org"
     notify_urls: tuple[str, ...] = ()
     public_gpu_status: bool = True
+    token_days: float = 90.0
     socket_path: Path | None = None
 
     @property
@@ -301,6 +302,7 @@ KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PAM_SERVICE": ("pam_service", _str),
     "SSL_CERT": ("ssl_cert", _optional_str),
     "SSL_KEY": ("ssl_key", _optional_str),
+    "TOKEN_DAYS": ("token_days", _float(strictly_positive=True)),
     "TELEGRAM_API_URL": ("telegram_api_url", _url(("http", "https"))),
     "NOTIFY_URLS": ("notify_urls", _list),
     "PUBLIC_GPU_STATUS": ("public_gpu_status", _bool),

@@ -3,6 +3,12 @@
 Only a token's SHA-256 is stored, so a copy of the database lets nobody in. A web
 sign-in is a token too (kind "web", kept in the signed session cookie): signing out
 revokes it, so a copied cookie stops working the moment its owner signs out.
+
+Lifetimes (SPEC §12): an API token works for `TOKEN_DAYS` after it was made, a web
+sign-in for `WEB_SESSION_HOURS`; and only while its account stands (accounts.py): a
+locked or expired account's tokens are revoked at their next use, and a token of an
+account that cannot be found is refused (not revoked: a directory outage must not sign
+everybody out for good).
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from gpulocker import events
+from gpulocker import accounts, events
 from gpulocker.db import Database
 from gpulocker.errors import Invalid, NotFound
 from gpulocker.models import ApiToken, utcnow
@@ -24,6 +31,7 @@ API = "api"
 WEB = "web"
 PREFIX = "glk_"
 WEB_SESSION_HOURS = 7 * 24.0
+TOKEN_DAYS = 90.0  # the default of the TOKEN_DAYS setting
 TOUCH_EVERY = timedelta(minutes=1)
 PRUNE_AFTER = timedelta(days=1)
 
@@ -43,9 +51,17 @@ def hash_token(raw: str) -> str:
 
 
 def create(
-    db: Database, user: str, name: str = "", kind: str = API, hours: float | None = None
+    db: Database,
+    user: str,
+    name: str = "",
+    kind: str = API,
+    hours: float | None = None,
+    token_days: float = TOKEN_DAYS,
 ) -> tuple[ApiToken, str]:
-    """A new token for `user`; returns the row and the raw token (shown once, never stored)."""
+    """A new token for `user`; returns the row and the raw token (shown once, never stored).
+    It ends after `hours`, or `token_days` for an API token."""
+    if hours is None:
+        hours = token_days * 24
     name = name.strip()
     if len(name) > 255:
         raise Invalid("a token name is at most 255 characters")
@@ -81,8 +97,10 @@ def _prune_web_sessions(session: Session, user: str, now: datetime) -> None:
     )
 
 
-def authenticate(db: Database, raw: str) -> Identity | None:
-    """The identity behind a raw token, or None if it is unknown, revoked or expired."""
+def authenticate(db: Database, raw: str, token_days: float = TOKEN_DAYS) -> Identity | None:
+    """The identity behind a raw token, or None if it is unknown, revoked, expired, or its
+    account no longer stands. Tokens made before lifetimes existed end `token_days` after
+    they were made."""
     if not raw.startswith(PREFIX) or len(raw) > 200:
         return None
     now = utcnow()
@@ -90,7 +108,14 @@ def authenticate(db: Database, raw: str) -> Identity | None:
         row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(raw)))
     if row is None or row.revoked_at is not None:
         return None
-    if row.expires_at is not None and row.expires_at <= now:
+    ends = row.expires_at or row.created_at + timedelta(days=token_days)
+    if ends <= now:
+        return None
+    standing = accounts.standing(row.user)
+    if standing in (accounts.LOCKED, accounts.EXPIRED):
+        revoke_all(db, row.user, f"the account is {standing}")
+        return None
+    if standing != accounts.OK:
         return None
     if row.last_used_at is None or now - row.last_used_at > TOUCH_EVERY:
         _touch(db, row.id)
@@ -126,6 +151,26 @@ def revoke(db: Database, user: str, token_id: int) -> ApiToken:
         if row.kind == API:
             events.record(session, "token_revoked", user, f"API token {row.id}", user=user)
     return row
+
+
+def revoke_all(db: Database, user: str, why: str) -> int:
+    """Revoke every token and web session of `user` (an account that no longer stands)."""
+    with db.transaction() as session:
+        result: Any = session.execute(
+            update(ApiToken)
+            .where(ApiToken.user == user, ApiToken.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
+        done = result.rowcount
+        if done:
+            events.record(
+                session,
+                "tokens_revoked",
+                "system",
+                f"{done} token(s) and sessions: {why}",
+                user=user,
+            )
+    return int(done or 0)
 
 
 def end_web_session(db: Database, token_id: int) -> None:

@@ -135,7 +135,8 @@ def create_token(body: s.TokenRequest) -> dict[str, Any]:
     ctx = get_ctx()
     floor = float(_app_config("LOGIN_FAILURE_FLOOR_SECONDS", auth.FAILURE_FLOOR_SECONDS))
     user = auth.authenticate(ctx, body.username, body.password, client_address(), floor)
-    row, raw = tokens.create(ctx.db, user, body.name or f"API token from {client_address()}")
+    name = body.name or f"API token from {client_address()}"
+    row, raw = tokens.create(ctx.db, user, name, token_days=ctx.settings.token_days)
     return {"token": raw, "id": row.id, "username": user}
 
 

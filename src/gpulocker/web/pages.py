@@ -399,7 +399,8 @@ def create_token() -> Page:
     """A new API token for scripts and `gpulocker` on another machine; shown once."""
     name = request.form.get("name", "").strip() or "web"
     try:
-        _row, raw = tokens.create(get_ctx().db, me(), name[:255])
+        ctx = get_ctx()
+        _row, raw = tokens.create(ctx.db, me(), name[:255], token_days=ctx.settings.token_days)
     except GPULockerError as exc:
         flash(exc.message, "error")
         return redirect(url_for("pages.settings_page"))

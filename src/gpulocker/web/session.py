@@ -95,7 +95,8 @@ def _authenticate(raw: str) -> tokens.Identity | None:
     if known is not None and known.changes == changes.value and now - known.made < IDENTITY_SECONDS:
         return known.identity
     counted = changes.value
-    identity = tokens.authenticate(get_ctx().db, raw)
+    ctx = get_ctx()
+    identity = tokens.authenticate(ctx.db, raw, ctx.settings.token_days)
     with _known_lock:
         if len(_known) > 10_000:
             _known.clear()
