@@ -33,6 +33,7 @@ class FakeTelegram:
     calls: list[Call] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
     refused_chats: set[str] = field(default_factory=set)
+    down_chats: set[str] = field(default_factory=set)  # answered 502 (try again later)
     too_many: int = 0  # answer this many sendMessage calls with 429 first
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -87,6 +88,8 @@ class FakeTelegram:
                 "description": "Too Many Requests: retry after 7",
                 "parameters": {"retry_after": 7},
             }
+        if str(payload.get("chat_id")) in self.down_chats:
+            return 502, {"ok": False, "error_code": 502, "description": "Bad Gateway"}
         if str(payload.get("chat_id")) in self.refused_chats:
             return 400, {
                 "ok": False,

@@ -23,6 +23,7 @@ from gpulocker.context import Context
 from gpulocker.db import Database
 from gpulocker.gpus.simulated import device_file, ensure_device_file, write_load
 from gpulocker.models import Allocation, Event, Gpu, Notification, utcnow
+from tests.agent.test_access import make_late_user
 from tests.conftest import GPU_CONFIG, REDIS_URL, _admin_conn
 from tests.helpers import (
     ADMIN,
@@ -35,7 +36,6 @@ from tests.helpers import (
     try_open_as,
     wait_for,
 )
-from tests.agent.test_access import make_late_user
 
 
 @pytest.fixture

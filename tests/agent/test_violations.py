@@ -19,8 +19,8 @@ from gpulocker.errors import LockedOut
 from gpulocker.gpus import GpuProcess, GpuSample
 from gpulocker.gpus.simulated import device_file
 from gpulocker.models import Event, Notification, utcnow
-from tests.helpers import ADMIN, ALICE, BOB, CAROL, hold_open_as
 from tests.agent.test_agent import take_database_away
+from tests.helpers import ADMIN, ALICE, BOB, CAROL, hold_open_as
 
 
 def gpu(settings: Settings, gpu_id: int) -> str:

@@ -94,28 +94,65 @@ def claim(db: Database, row: OutboxMessage, now: datetime) -> bool:
     return claimed
 
 
+def due_heads(db: Database, now: datetime, limit: int = BATCH) -> list[OutboxMessage]:
+    """The oldest waiting message of each destination, for the destinations whose oldest is
+    due now, soonest due first.
+
+    Messages to one destination go in order, so only its oldest may be tried; and only the
+    due ones are read, so any number of rows owed to a dead destination cost one row here
+    and never crowd out the others (SPEC §12).
+    """
+    waiting = (OutboxMessage.sent_at.is_(None), OutboxMessage.failed_at.is_(None))
+    heads = (
+        select(func.min(OutboxMessage.id))
+        .where(*waiting)
+        .group_by(OutboxMessage.channel, OutboxMessage.target)
+    )
+    with db.session() as session:
+        stmt = (
+            select(OutboxMessage)
+            .where(OutboxMessage.id.in_(heads), OutboxMessage.next_attempt_at <= now)
+            .order_by(OutboxMessage.next_attempt_at, OutboxMessage.id)
+            .limit(limit)
+        )
+        return list(session.scalars(stmt))
+
+
 def deliver(ctx: Context, now: datetime | None = None) -> int:
-    """One pass over the outbox; returns how many messages went out."""
-    sent = 0
+    """Send what is due, a round over the destinations at a time (each round takes every
+    destination's oldest due message), at most BATCH tries; returns how many went out."""
+    sent = tries = 0
     blocked: set[tuple[str, str]] = set()
-    for row in pending(ctx.db):
-        destination = (row.channel, row.target)
-        if destination in blocked:
-            continue
-        started = now or utcnow()
-        if row.next_attempt_at > started or not claim(ctx.db, row, started):
-            blocked.add(destination)  # its oldest message waits, so the rest wait behind it
-            continue
-        try:
-            send(ctx.settings, row)
-        except DeliveryError as exc:
-            _failed(ctx.db, row, exc, now or utcnow())
-            if not exc.permanent:
-                blocked.add(destination)
-            continue
-        _sent(ctx.db, row, now or utcnow())
-        sent += 1
+    while tries < BATCH:
+        heads = [
+            row
+            for row in due_heads(ctx.db, now or utcnow(), BATCH - tries)
+            if (row.channel, row.target) not in blocked
+        ]
+        if not heads:
+            break
+        for row in heads:
+            tries += 1
+            if _try(ctx, row, now):
+                sent += 1
+            elif row.failed_at is None:  # not given up: its destination waits this pass
+                blocked.add((row.channel, row.target))
     return sent
+
+
+def _try(ctx: Context, row: OutboxMessage, now: datetime | None) -> bool:
+    """Claim and send one message; True if it went out."""
+    if not claim(ctx.db, row, now or utcnow()):
+        return False  # another sender has it
+    try:
+        send(ctx.settings, row)
+    except DeliveryError as exc:
+        _failed(ctx.db, row, exc, now or utcnow())
+        if exc.permanent:
+            row.failed_at = now or utcnow()
+        return False
+    _sent(ctx.db, row, now or utcnow())
+    return True
 
 
 def send(settings: Settings, row: OutboxMessage) -> None:
@@ -200,18 +237,8 @@ def _failed(db: Database, row: OutboxMessage, exc: DeliveryError, now: datetime)
 
 
 def has_due(db: Database, now: datetime | None = None) -> bool:
-    """Whether any message is due (a cheap check before starting a sending thread)."""
-    with db.session() as session:
-        stmt = (
-            select(OutboxMessage.id)
-            .where(
-                OutboxMessage.sent_at.is_(None),
-                OutboxMessage.failed_at.is_(None),
-                OutboxMessage.next_attempt_at <= (now or utcnow()),
-            )
-            .limit(1)
-        )
-        return session.scalar(stmt) is not None
+    """Whether some destination's oldest waiting message is due (work for the sender)."""
+    return bool(due_heads(db, now or utcnow(), limit=1))
 
 
 def stats(db: Database, now: datetime | None = None) -> dict[str, float | int]:
