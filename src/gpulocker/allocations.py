@@ -8,8 +8,6 @@ request that loses such a race looks again at what is free and tries once more.
 from __future__ import annotations
 
 import logging
-import math
-import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -17,7 +15,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gpulocker import events, inventory, lockouts, maintenance
+from gpulocker import events, inventory, limits, lockouts, maintenance
 from gpulocker.config import Settings
 from gpulocker.db import Database
 from gpulocker.errors import (
@@ -33,8 +31,6 @@ from gpulocker.models import ACTIVE, RELEASED, REVOKED, STATES, Allocation, Gpu,
 from gpulocker.notify import notify
 
 log = logging.getLogger(__name__)
-
-USER_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 
 
 def request(
@@ -52,7 +48,12 @@ def request(
     Admins may allocate for another `user`. `gpu_ids` asks for those GPUs exactly.
     """
     user = user or actor
-    count = _check_request(settings, actor, user, count, hours, gpu_ids)
+    count = limits.check_request(settings, actor, user, count, hours, gpu_ids)
+    # Refusals are decided on a read first, so a flood of hopeless requests (an unknown
+    # type, no free GPU) never takes the write lock the agent's loop needs (SPEC §12).
+    # The write transaction below checks everything again.
+    with db.session() as session:
+        _check_rules(session, settings, actor, user, gpu_type, count, gpu_ids, take_turns=False)
     # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
     for _attempt in range(64):
         try:
@@ -62,43 +63,6 @@ def request(
         except IntegrityError:
             log.info("request by %s lost a race for a %s GPU; trying again", user, gpu_type)
     raise NotEnoughGPUs(f"could not get {count} {gpu_type} GPU(s): too many requests at once")
-
-
-def _check_request(
-    settings: Settings,
-    actor: str,
-    user: str,
-    count: int | None,
-    hours: float,
-    gpu_ids: Sequence[int] | None,
-) -> int:
-    """Validate what needs no database; returns the count."""
-    if user != actor and not settings.is_admin(actor):
-        raise Forbidden("only admins can allocate GPUs for another user")
-    if not USER_NAME.match(user):
-        raise Invalid(f"not a valid user name: {user!r}")
-    if gpu_ids is not None:
-        ids = list(gpu_ids)
-        if not ids or len(set(ids)) != len(ids):
-            raise Invalid("gpu_ids must list distinct GPU ids")
-        if count is not None and count != len(ids):
-            raise Invalid(f"count is {count} but {len(ids)} gpu_ids were given")
-        count = len(ids)
-    if count is None or isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise Invalid("count must be a whole number of GPUs, at least 1")
-    _check_hours(settings, hours)
-    return count
-
-
-def _check_hours(settings: Settings, hours: float) -> None:
-    if isinstance(hours, bool) or not isinstance(hours, int | float) or not math.isfinite(hours):
-        raise Invalid("hours must be a number")
-    if hours <= 0:
-        raise Invalid("hours must be more than 0")
-    if hours > settings.max_allocation_hours:
-        raise Invalid(
-            f"hours must be at most {settings.max_allocation_hours:g} (MAX_ALLOCATION_HOURS)"
-        )
 
 
 def _grant(
@@ -112,28 +76,7 @@ def _grant(
     gpu_ids: Sequence[int] | None,
 ) -> list[Allocation]:
     """Inside one write transaction: check the rules that read the database, then insert."""
-    types = inventory.known_types(session)
-    if gpu_type not in types:
-        known = ", ".join(types) or "none"
-        raise Invalid(f"unknown GPU type {gpu_type!r} (known: {known})")
-    admin = settings.is_admin(actor)
-    if maintenance.enabled(session) and not admin:
-        raise Maintenance("GPULocker is in maintenance mode: new allocations are paused")
-    lockout = lockouts.active(session, user)
-    if lockout is not None:
-        raise LockedOut(
-            f"{user} is locked out until {lockout.until:%Y-%m-%d %H:%M} UTC ({lockout.reason})",
-            until=lockout.until.isoformat(),
-        )
-    if settings.max_gpus_per_user is not None:
-        _take_turns(session, user)
-        held = count_active(session, user)
-        if held + count > settings.max_gpus_per_user:
-            raise Forbidden(
-                f"{user} holds {held} GPU(s); at most {settings.max_gpus_per_user} per user "
-                "(MAX_GPUS_PER_USER)",
-            )
-    chosen = _choose(session, settings, gpu_type, count, gpu_ids)
+    chosen = _check_rules(session, settings, actor, user, gpu_type, count, gpu_ids)
     now = utcnow()
     expires = now + timedelta(hours=hours)
     rows = [
@@ -187,6 +130,43 @@ def _take_turns(session: Session, user: str) -> None:
         session.execute(
             text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"gpulocker:user:{user}"}
         )
+
+
+def _check_rules(
+    session: Session,
+    settings: Settings,
+    actor: str,
+    user: str,
+    gpu_type: str,
+    count: int,
+    gpu_ids: Sequence[int] | None,
+    take_turns: bool = True,
+) -> list[Gpu]:
+    """The rules that read the database; the GPUs to take, or the refusal. `take_turns`
+    serialises one user's requests (only inside the write transaction)."""
+    types = inventory.known_types(session)
+    if gpu_type not in types:
+        known = ", ".join(types) or "none"
+        raise Invalid(f"unknown GPU type {gpu_type!r} (known: {known})")
+    admin = settings.is_admin(actor)
+    if maintenance.enabled(session) and not admin:
+        raise Maintenance("GPULocker is in maintenance mode: new allocations are paused")
+    lockout = lockouts.active(session, user)
+    if lockout is not None:
+        raise LockedOut(
+            f"{user} is locked out until {lockout.until:%Y-%m-%d %H:%M} UTC ({lockout.reason})",
+            until=lockout.until.isoformat(),
+        )
+    if settings.max_gpus_per_user is not None:
+        if take_turns:
+            _take_turns(session, user)
+        held = count_active(session, user)
+        if held + count > settings.max_gpus_per_user:
+            raise Forbidden(
+                f"{user} holds {held} GPU(s); at most {settings.max_gpus_per_user} per user "
+                "(MAX_GPUS_PER_USER)",
+            )
+    return _choose(session, settings, gpu_type, count, gpu_ids)
 
 
 def _choose(
@@ -271,7 +251,7 @@ def extend(
     db: Database, settings: Settings, actor: str, allocation_id: int, hours: float
 ) -> Allocation:
     """Move an active allocation's end `hours` later, up to now + MAX_ALLOCATION_HOURS."""
-    _check_hours(settings, hours)
+    limits.check_hours(settings, hours)
     with db.transaction() as session:
         row = get(session, settings, actor, allocation_id)
         if row.state != ACTIVE:
