@@ -36,6 +36,7 @@ from gpulocker.context import Context
 from gpulocker.errors import Forbidden, GPULockerError, Invalid
 from gpulocker.models import Allocation
 from gpulocker.notify import admin_message
+from gpulocker.untrusted import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -460,9 +461,9 @@ class Server:
                     _send(conn, error("invalid", f"a request must be under {MAX_LINE} bytes"))
                     return
                 try:
-                    request = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    _send(conn, error("invalid", "a request must be one line of JSON"))
+                    request = parse_json(line)
+                except Invalid as exc:
+                    _send(conn, error("invalid", f"a request must be one line of JSON: {exc}"))
                     continue
                 _send(conn, handle(self.ctx, user, request))
 

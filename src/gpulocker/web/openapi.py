@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from gpulocker.errors import Forbidden, Invalid, NotFound
+from gpulocker.untrusted import parse_json
 from gpulocker.web import schemas, session
 from gpulocker.web.errors import Unauthorized
 
@@ -184,7 +185,7 @@ def _check_strings(prefix: str, value: Any) -> None:
 
 def parse_body(model: type[M]) -> M:
     """The JSON body as `model`, or Invalid naming each problem."""
-    data = request.get_json(silent=True)
+    data = parse_json(request.get_data(cache=True)) if request.is_json else None
     if not isinstance(data, dict):
         raise Invalid("the body must be a JSON object (Content-Type: application/json)")
     _check_strings("", data)
