@@ -334,13 +334,13 @@ def test_one_user_cannot_take_every_connection(
             sock.sendall(b'{"op": "me"}\n')
         return sock, sock.makefile("rb")
 
-    held = [open_one() for _ in range(localapi.MAX_PER_USER)]
+    held = [open_one() for _ in range(server.admission.per_person)]
     try:
         assert all(json.loads(r.readline())["result"]["username"] == "root" for _, r in held)
         extra, reader = open_one(ask=False)  # refused at once, before it could ask
         assert json.loads(reader.readline())["error"] == {
             "code": "busy",
-            "message": f"you have {localapi.MAX_PER_USER} connections open already",
+            "message": f"you have {server.admission.per_person} connections open already",
         }
         extra.close()
         assert call_as(users[BOB], socket_path, "me")["result"]["username"] == BOB

@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from gpulocker import allocations, gpustatus, heartbeat, lockouts, maintenance
+from gpulocker.agent.admission import Admission
 from gpulocker.context import Context
 from gpulocker.errors import Forbidden, GPULockerError, Invalid
 from gpulocker.models import Allocation
@@ -41,8 +42,7 @@ from gpulocker.untrusted import parse_json
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024  # bytes in one request; a longer line is refused and the connection closed
-MAX_CONNECTIONS = 128  # open at once; more are refused, so threads cannot pile up
-MAX_PER_USER = 16  # open at once per uid, so one user cannot take every connection
+FIRST_REQUEST_TIMEOUT = 10.0  # seconds a new connection may take to send its first request
 IDLE_TIMEOUT = 300.0  # seconds a connection may wait between requests
 ACCESS_WAIT_SECONDS = 2.0  # how long a request waits for the agent to grant access on the files
 
@@ -371,7 +371,9 @@ class Server:
         self._stop = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._lock = threading.Lock()
-        self._connections: dict[socket.socket, int] = {}  # open connection -> peer uid
+        self._connections: dict[socket.socket, str] = {}  # open connection -> its person
+        self.admission = Admission()  # connections and request rates per person
+        self.first_request_timeout = FIRST_REQUEST_TIMEOUT
         self._threads: set[threading.Thread] = set()
         self._acceptor = threading.Thread(target=self._accept_loop, name="localapi", daemon=True)
 
@@ -417,11 +419,11 @@ class Server:
             uid = peer_uid(conn)
         except OSError:
             return
+        person, refusal = self.admission.admit(uid)
         with self._lock:
-            refusal = self._refusal(uid)
             if refusal is None:
-                self._connections[conn] = uid
-                thread = threading.Thread(target=self._serve, args=(conn, uid), daemon=True)
+                self._connections[conn] = person
+                thread = threading.Thread(target=self._serve, args=(conn, uid, person), daemon=True)
                 self._threads.add(thread)
         if refusal is not None:
             conn.settimeout(1)
@@ -431,32 +433,29 @@ class Server:
             return
         thread.start()
 
-    def _refusal(self, uid: int) -> str | None:
-        """Why a new connection of `uid` is refused now, if it is (caller holds the lock)."""
-        if len(self._connections) >= MAX_CONNECTIONS:
-            return "too many connections; try again"
-        if sum(1 for u in self._connections.values() if u == uid) >= MAX_PER_USER:
-            return f"you have {MAX_PER_USER} connections open already"
-        return None
-
-    def _serve(self, conn: socket.socket, uid: int) -> None:
+    def _serve(self, conn: socket.socket, uid: int, person: str) -> None:
         try:
             with conn:
-                conn.settimeout(IDLE_TIMEOUT)
-                self._converse(conn, user_name(uid))
+                conn.settimeout(self.first_request_timeout)  # silence frees the slot soon
+                self._converse(conn, user_name(uid), person)
         except OSError as exc:
             log.debug("local connection ended: %s", exc)
         finally:
+            self.admission.leave(person)
             with self._lock:
                 self._connections.pop(conn, None)
                 self._threads.discard(threading.current_thread())
 
-    def _converse(self, conn: socket.socket, user: str | None) -> None:
+    def _converse(self, conn: socket.socket, user: str | None, person: str) -> None:
         with conn.makefile("rb") as reader:
             while not self._stop.is_set():
                 line = reader.readline(MAX_LINE + 1)
                 if not line:
                     return
+                conn.settimeout(IDLE_TIMEOUT)
+                if not self.admission.may_ask(person):
+                    _send(conn, error("throttled", "too many requests at once; slow down"))
+                    continue
                 if len(line) > MAX_LINE:
                     _send(conn, error("invalid", f"a request must be under {MAX_LINE} bytes"))
                     return
