@@ -113,7 +113,7 @@ def settings(tmp_path: Path, database_url: str, device_dir: Path) -> Settings:
 def db(settings: Settings) -> Iterator[Database]:
     """The test's database, with the simulated GPUs of `settings` registered."""
     database = Database(settings.database_url)
-    backend = SimulatedBackend(settings.gpu_config, settings.device_path)
+    backend = SimulatedBackend(settings.gpu_config, settings.device_path, settings.gpu_host)
     with database.transaction() as session:
         register(
             session, settings.gpu_host, types_from_config(settings.gpu_config, backend.inventory())

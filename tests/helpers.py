@@ -102,3 +102,15 @@ def wait_for(
 
 EACCES = errno.EACCES
 IS_ROOT = os.geteuid() == 0
+
+
+def cuda(*gpu_ids: int, host: str = "testhost") -> str:
+    """CUDA_VISIBLE_DEVICES for simulated GPUs of the test host: their UUIDs, in order."""
+    from gpulocker.gpus.simulated import simulated_uuid
+
+    return ",".join(simulated_uuid(host, i) for i in sorted(gpu_ids))
+
+
+def export(*gpu_ids: int, host: str = "testhost") -> str:
+    """The CLI's export line for those GPUs."""
+    return f"export CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES={cuda(*gpu_ids, host=host)}"

@@ -22,7 +22,7 @@ from gpulocker.errors import (
     NotFound,
 )
 from gpulocker.models import ACTIVE, Allocation, Event, Notification, utcnow
-from tests.helpers import ADMIN, ALICE, BOB
+from tests.helpers import ADMIN, ALICE, BOB, cuda
 
 
 def test_it_grants_the_lowest_free_gpus(db: Database, settings: Settings) -> None:
@@ -31,7 +31,7 @@ def test_it_grants_the_lowest_free_gpus(db: Database, settings: Settings) -> Non
     assert all(r.state == ACTIVE and r.user == ALICE for r in rows)
     assert rows[0].device.endswith("/nvidia0")
     assert rows[0].expires_at - rows[0].created_at == timedelta(hours=1.5)
-    assert allocations.cuda_visible_devices(rows) == "0,1"
+    assert allocations.cuda_visible_devices(db, rows) == cuda(0, 1)
 
 
 def test_it_records_an_event_and_a_notification(db: Database, settings: Settings) -> None:
@@ -40,7 +40,7 @@ def test_it_records_an_event_and_a_notification(db: Database, settings: Settings
         kinds = [e.kind for e in s.scalars(select(Event).where(Event.kind == "granted"))]
         inbox = s.scalars(select(Notification).where(Notification.user == ALICE)).all()
     assert kinds == ["granted"]
-    assert len(inbox) == 1 and "CUDA_VISIBLE_DEVICES=4" in inbox[0].message
+    assert len(inbox) == 1 and f"CUDA_VISIBLE_DEVICES={cuda(4)}" in inbox[0].message
     assert rows[0].gpu_id == 4
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gpulocker import events, inventory, limits, lockouts, maintenance
+from gpulocker import cudaline, events, inventory, limits, lockouts, maintenance
 from gpulocker.config import Settings
 from gpulocker.db import Database
 from gpulocker.errors import (
@@ -112,7 +112,7 @@ def _grant(
         settings,
         "granted",
         f"You have GPU(s) {gpu_list} ({gpu_type}) on {rows[0].host} until "
-        f"{expires:%Y-%m-%d %H:%M} UTC. export CUDA_VISIBLE_DEVICES={cuda_visible_devices(rows)}",
+        f"{expires:%Y-%m-%d %H:%M} UTC. {cudaline.export_line(cuda_visible_devices(session, rows))}",
         users=[user],
     )
     return rows
@@ -203,9 +203,27 @@ def _choose(
     )
 
 
-def cuda_visible_devices(allocations: Sequence[Allocation]) -> str:
-    """The value for CUDA_VISIBLE_DEVICES (NVML indices, in order)."""
-    return ",".join(str(a.gpu_id) for a in sorted(allocations, key=lambda a: a.gpu_id))
+def cuda_visible_devices(db: Database | Session, allocations: Sequence[Allocation]) -> str:
+    """The value for CUDA_VISIBLE_DEVICES: each GPU's UUID from the inventory (its index
+    when the backend knows none), in NVML index order (SPEC §5). The one place that says
+    how a grant is named for CUDA: the API, the socket, notifications, the CLI and the
+    dashboard all print this."""
+    pairs = [(a.host, a.gpu_id) for a in allocations]
+    if isinstance(db, Database):
+        with db.session() as session:
+            uuids = _uuids(session, pairs)
+    else:
+        uuids = _uuids(db, pairs)
+    return cudaline.value((gpu_id, uuids.get((host, gpu_id))) for host, gpu_id in pairs)
+
+
+def _uuids(session: Session, pairs: list[tuple[str, int]]) -> dict[tuple[str, int], str | None]:
+    wanted = set(pairs)
+    if not wanted:
+        return {}
+    hosts = {host for host, _ in wanted}
+    rows = session.execute(select(Gpu.host, Gpu.gpu_id, Gpu.uuid).where(Gpu.host.in_(hosts))).all()
+    return {(h, i): u for h, i, u in rows if (h, i) in wanted}
 
 
 def count_active(session: Session, user: str) -> int:

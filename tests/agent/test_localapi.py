@@ -24,7 +24,7 @@ from gpulocker.agent import localapi
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.models import ACTIVE, RELEASED, Allocation, Event, utcnow
-from tests.helpers import ADMIN, ALICE, BOB, CAROL, EACCES, TestUser, try_open_as, wait_for
+from tests.helpers import ADMIN, ALICE, BOB, CAROL, EACCES, TestUser, cuda, try_open_as, wait_for
 
 # A client that sends one request line and prints the answer line: runs as any user.
 CLIENT = (
@@ -106,7 +106,7 @@ def test_it_grants_to_the_caller_and_nobody_else(
         users[ALICE], socket_path, "allocations.request", gpu_type="4090", count=2, hours=1.5
     )["result"]
     assert [a["user"] for a in answer["allocations"]] == [ALICE, ALICE]
-    assert answer["cuda_visible_devices"] == "0,1"
+    assert answer["cuda_visible_devices"] == cuda(0, 1)
     assert answer["access_applied"] is False  # no agent runs in this test
     with ctx.db.session() as s:
         rows = s.scalars(select(Allocation).where(Allocation.state == ACTIVE)).all()

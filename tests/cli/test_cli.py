@@ -29,7 +29,17 @@ from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
 from gpulocker.gpus.simulated import SimulatedBackend, write_load
 from gpulocker.models import ACTIVE, RELEASED, Allocation, Notification
-from tests.helpers import ADMIN, ALICE, BOB, EACCES, TestUser, hold_open_as, try_open_as
+from tests.helpers import (
+    ADMIN,
+    ALICE,
+    BOB,
+    EACCES,
+    TestUser,
+    cuda,
+    export,
+    hold_open_as,
+    try_open_as,
+)
 
 
 @pytest.fixture
@@ -107,7 +117,7 @@ def state_of(ctx: Context, allocation_id: int) -> str:
 def test_it_requests_and_prints_the_export_line(runner: CliRunner, ctx: Context) -> None:
     result = invoke(runner, "request", "-t", "4090", "-n", "2", "--hours", "1.5")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "export CUDA_VISIBLE_DEVICES=0,1\n"
+    assert result.stdout == export(0, 1) + "\n"
     assert "granted 2 4090 GPU(s) on testhost to root" in result.stderr
     assert "allocation 1: GPU 0" in result.stderr and "(1h29m left)" in result.stderr
     with ctx.db.session() as s:
@@ -119,7 +129,7 @@ def test_it_requests_specific_gpus_as_json(runner: CliRunner) -> None:
     result = invoke(runner, "request", "-t", "a100", "--gpu-ids", "5", "--hours", "2", "--json")
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
-    assert answer["cuda_visible_devices"] == "5"
+    assert answer["cuda_visible_devices"] == cuda(5)
     assert [(a["gpu_id"], a["state"]) for a in answer["allocations"]] == [(5, "active")]
 
 
@@ -255,10 +265,10 @@ def test_eval_sets_cuda_visible_devices_in_the_users_shell(
     server: localapi.Server, socket_path: Path, users: dict[str, TestUser], ctx: Context
 ) -> None:
     env = {"GPULOCKER_SOCKET": str(socket_path)}
-    line = 'eval "$(python -m gpulocker request -t a100 -n 2 --hours 1)"; echo "[$CUDA_VISIBLE_DEVICES]"'
+    line = 'eval "$(python -m gpulocker request -t a100 -n 2 --hours 1)"; echo "[$CUDA_VISIBLE_DEVICES]" "$CUDA_DEVICE_ORDER"'
     result = run_as(users[ALICE], shell=line, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "[4,5]\n"
+    assert result.stdout == f"[{cuda(4, 5)}] PCI_BUS_ID\n"
     assert f"to {ALICE} until" in result.stderr
     whoami = run_as(users[ALICE], "whoami", env=env)
     assert whoami.stdout == f"{ALICE} via socket {socket_path}\n"
@@ -309,7 +319,7 @@ def test_an_admin_runs_the_admin_commands(
     status = run_as(bob, "status", env=env).stdout
     assert status.startswith("maintenance mode: new allocations are paused\n")
     allocated = adm("allocate", BOB, "-t", "4090", "-n", "2", "--hours", "1")
-    assert allocated.stdout == "export CUDA_VISIBLE_DEVICES=0,1\n"
+    assert allocated.stdout == export(0, 1) + "\n"
     assert adm("maintenance", "off").stdout == "maintenance mode off\n"
     listed = adm("release", "--user", BOB, "--json")
     assert json.loads(listed.stdout) == {"released": 2}
@@ -376,7 +386,7 @@ def test_login_stores_a_token_and_commands_go_over_http(
     assert http("whoami").stdout == f"{ALICE} via {web_url}\n"
     granted = http("request", "-t", "4090", "-n", "2", "--hours", "1")
     assert granted.returncode == 0, granted.stderr
-    assert granted.stdout == "export CUDA_VISIBLE_DEVICES=0,1\n"
+    assert granted.stdout == export(0, 1) + "\n"
     rows = json.loads(http("list", "--json").stdout)["allocations"]
     assert [(r["gpu_id"], r["user"]) for r in rows] == [(1, ALICE), (0, ALICE)]
     assert "now ends" in http("extend", str(rows[0]["id"]), "--hours", "1").stdout
@@ -475,7 +485,7 @@ def test_gpulocker_agent_serves_the_commands_end_to_end(
             users[ALICE], "request", "-t", "a100", "-n", "1", "--hours", "1", env=user_env
         )
         assert granted.returncode == 0, granted.stderr
-        assert granted.stdout == "export CUDA_VISIBLE_DEVICES=4\n"
+        assert granted.stdout == export(4) + "\n"
         assert "within seconds" not in granted.stderr  # it answered once access was applied
         assert try_open_as(users[ALICE], str(device_dir / "nvidia4")) == 0
         assert try_open_as(users[BOB], str(device_dir / "nvidia4")) == EACCES

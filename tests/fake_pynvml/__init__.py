@@ -107,6 +107,7 @@ class FakeGpu:
     graphics: list[tuple[int, int | None]] = field(default_factory=list)
     lost: bool = False
     lost_handle: bool = False
+    handle_error: int | None = None  # e.g. NVML_ERROR_NO_PERMISSION from GetHandleByIndex
 
 
 @dataclass
@@ -203,6 +204,8 @@ def nvmlDeviceGetHandleByIndex(index: int) -> _Handle:
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
     if gpu.lost_handle:
         raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+    if gpu.handle_error is not None:
+        raise NVMLError(gpu.handle_error)
     return _Handle(gpu)
 
 

@@ -292,3 +292,33 @@ def test_the_fake_library_behaves_like_the_real_one(lab: Machine) -> None:
     assert isinstance(error, pynvml.NVMLError_GpuIsLost) and str(error) == "GPU is lost"
     with pytest.raises(pynvml.NVMLError_Uninitialized):
         pynvml.nvmlDeviceGetCount()
+
+
+def test_no_permission_on_one_gpu_of_four_leaves_the_other_three_working(
+    monkeypatch: pytest.MonkeyPatch, lab_pids: dict[int, int], tmp_path: Path
+) -> None:
+    machine = machines.lab(lab_pids)
+    machine.gpus[1].handle_error = fake_pynvml.NVML_ERROR_NO_PERMISSION  # counted, not opened
+    machine.gpus[0].power_mw = None  # NOT_SUPPORTED on one field of another GPU
+    fake_pynvml.install(monkeypatch, machine)
+    backend = NvmlBackend(tmp_path)
+    gpus = backend.inventory()
+    assert [g.index for g in gpus] == [0, 2, 3]
+    assert all(g.uuid and g.uuid.startswith("GPU-") for g in gpus)
+    assert backend.problems == ["GPU 1: Insufficient Permissions; it is not managed"]
+    machines.lose(machine, 3)  # and one is lost while running
+    samples = {s.index: s for s in backend.sample()}
+    assert sorted(samples) == [0, 2, 3]
+    assert samples[0].ok and samples[0].power_w is None and samples[0].utilization is not None
+    assert samples[2].ok and samples[2].memory_used_mib is not None
+    assert not samples[3].ok and samples[3].error == "GPU is lost"
+    backend.close()
+
+
+def test_the_cuda_line_of_an_nvml_gpu_is_its_uuid(backend: NvmlBackend) -> None:
+    from gpulocker import cudaline
+
+    gpus = backend.inventory()
+    line = cudaline.value((g.index, g.uuid) for g in gpus if g.index in (1, 3))
+    assert line == f"{gpus[1].uuid},{gpus[3].uuid}"
+    assert cudaline.export_line(line).startswith("export CUDA_DEVICE_ORDER=PCI_BUS_ID ")

@@ -19,7 +19,7 @@ from gpulocker.db import Database
 from gpulocker.models import OutboxMessage, UserProfile, utcnow
 from gpulocker.notify import admin_message, notify, outbox, telegram
 from tests.fake_telegram import FakeTelegram
-from tests.helpers import ADMIN, ALICE, BOB
+from tests.helpers import ADMIN, ALICE, BOB, export
 
 ADMIN_CHAT = "-1001"
 ALICE_CHAT = "4242"
@@ -72,8 +72,7 @@ def test_it_sends_the_exact_messages_in_order(tg_ctx: Context, fake: FakeTelegra
     assert sorted(fake.sent, key=lambda sent: sent[0] == ADMIN_CHAT) == [
         (
             ALICE_CHAT,
-            f"You have GPU(s) 0 (4090) on testhost until {end:%Y-%m-%d %H:%M} UTC. "
-            "export CUDA_VISIBLE_DEVICES=0",
+            f"You have GPU(s) 0 (4090) on testhost until {end:%Y-%m-%d %H:%M} UTC. {export(0)}",
         ),
         (ALICE_CHAT, f"Message from {ADMIN}: please save your checkpoints"),
         (ALICE_CHAT, "Your GPU 0 (4090) on testhost was released: released."),

@@ -21,7 +21,7 @@ from gpulocker.web import create_app
 from gpulocker.web.session import login_user, logout_user
 from gpulocker.web.status_cache import STATUS_CACHE
 from tests.conftest import REDIS_URL, TEST_HOST
-from tests.helpers import ADMIN, ALICE, BOB, TestUser
+from tests.helpers import ADMIN, ALICE, BOB, TestUser, cuda
 from tests.web.api_fixtures import Headers, app, bearer, client
 
 __all__ = ["app", "bearer", "client"]  # fixtures used here
@@ -145,7 +145,7 @@ def test_it_allocates_lists_extends_and_releases(client: FlaskClient, bearer: Be
     assert granted.status_code == 201
     body = granted.get_json()
     assert [a["gpu_id"] for a in body["allocations"]] == [0, 1]
-    assert body["cuda_visible_devices"] == "0,1"
+    assert body["cuda_visible_devices"] == cuda(0, 1)
     assert (body["access"], body["agent"]) == ("pending", "not running")
     first = body["allocations"][0]["id"]
     listed = client.get("/api/v1/allocations", headers=alice).get_json()["allocations"]

@@ -17,7 +17,7 @@ from gpulocker.context import Context
 from gpulocker.models import ACTIVE, Allocation, Event, Notification
 from gpulocker.notify import notify
 from gpulocker.web import create_app
-from tests.helpers import ADMIN, ALICE, BOB, TestUser
+from tests.helpers import ADMIN, ALICE, BOB, TestUser, export
 
 pytestmark = pytest.mark.root
 
@@ -144,7 +144,7 @@ def test_it_requests_gpus_and_shows_the_cuda_line(
     status, _ = post(client, "/allocations", gpu_type="4090", count="2", duration="2", unit="hours")
     assert status == 302
     html = client.get("/").get_data(as_text=True)
-    assert "export CUDA_VISIBLE_DEVICES=0,1" in html
+    assert export(0, 1) in html
     assert "You have GPU 0, 1 (4090)" in html
     assert "4090 — 2 of 4 free" in html
     assert sorted(a.gpu_id for a in active_of(ctx, ALICE)) == [0, 1]

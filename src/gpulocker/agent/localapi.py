@@ -198,7 +198,7 @@ def _request(
     applied = wait_for_access(ctx, [r.id for r in rows])
     return {
         "allocations": applied,
-        "cuda_visible_devices": allocations.cuda_visible_devices(rows),
+        "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
         "access_applied": all(a["access_applied_at"] for a in applied),
     }
 

@@ -229,11 +229,14 @@ class HttpClient:
 
     def _op_allocations_request(self, **args: Any) -> Any:
         body = {k: v for k, v in args.items() if v is not None}
-        rows = _allocations(self._json("POST", "/api/v1/allocations", body))
-        ids = ",".join(str(r["gpu_id"]) for r in sorted(rows, key=lambda r: r["gpu_id"]))
+        answer = self._json("POST", "/api/v1/allocations", body)
+        rows = _allocations(answer)
+        cuda = answer.get("cuda_visible_devices") if isinstance(answer, dict) else None
+        if not isinstance(cuda, str):  # an older server: indices, as it named them
+            cuda = ",".join(str(r["gpu_id"]) for r in sorted(rows, key=lambda r: r["gpu_id"]))
         return {
             "allocations": rows,
-            "cuda_visible_devices": ids,
+            "cuda_visible_devices": cuda,
             "access_applied": all(r.get("access_applied_at") for r in rows),
         }
 

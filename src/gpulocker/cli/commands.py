@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from gpulocker import cudaline
 from gpulocker.cli.client import (
     Client,
     ClientError,
@@ -292,7 +293,11 @@ def print_grant(answer: dict[str, Any]) -> None:
         echo(f"  allocation {row['id']}: GPU {row['gpu_id']} ({row['device']})", err=True)
     if not answer.get("access_applied"):
         echo("  (the agent grants access on the device files within seconds)", err=True)
-    click.echo(f"export CUDA_VISIBLE_DEVICES={answer['cuda_visible_devices']}")
+    try:
+        line = cudaline.export_line(str(answer.get("cuda_visible_devices", "")))
+    except cudaline.BadCudaLine as exc:  # never hand a shell what the server made up
+        raise click.ClickException(f"the server's answer cannot be used: {exc}") from None
+    click.echo(line)
 
 
 # --- commands ------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def make_backend(settings: Settings) -> GpuBackend:
     if settings.gpu_backend == "simulated":
         from gpulocker.gpus.simulated import SimulatedBackend
 
-        return SimulatedBackend(settings.gpu_config, settings.device_path)
+        return SimulatedBackend(settings.gpu_config, settings.device_path, settings.gpu_host)
     from gpulocker.gpus.smi import SmiBackend
 
     if settings.gpu_backend == "smi":

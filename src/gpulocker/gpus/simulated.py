@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,13 @@ from gpulocker.models import utcnow
 
 MEMORY_BY_TYPE_MIB = {"4090": 24564, "3090": 24576, "a100": 81920, "h100": 81559, "h200": 143771}
 DEFAULT_MEMORY_MIB = 16384
+_UUID_NAMESPACE = uuid.UUID("6c1d3b0e-4a52-5f0e-9d3c-6f1e2b7a9c41")  # GPULocker's, fixed
+
+
+def simulated_uuid(host: str, gpu_id: int) -> str:
+    """A stable UUID of the same shape as a real GPU's (`GPU-` + 8-4-4-4-12 hex), so the
+    CUDA line and its shell check see on simulated GPUs what they see on real ones."""
+    return f"GPU-{uuid.uuid5(_UUID_NAMESPACE, f'{host}/{gpu_id}')}"
 
 
 def device_file(device_dir: Path, gpu_id: int) -> Path:
@@ -68,7 +77,9 @@ class SimulatedBackend:
 
     name = "simulated"
 
-    def __init__(self, gpu_config: dict[str, list[int]], device_dir: Path) -> None:
+    def __init__(
+        self, gpu_config: dict[str, list[int]], device_dir: Path, host: str | None = None
+    ) -> None:
         if not gpu_config:
             from gpulocker.gpus import BackendUnavailable
 
@@ -76,6 +87,7 @@ class SimulatedBackend:
                 "simulated GPUs need GPU_CONFIG or --simulate, e.g. --simulate '{\"4090\": 4}'"
             )
         self.device_dir = Path(device_dir)
+        self.host = host or socket.gethostname()
         self.types = {gpu_id: t for t, ids in gpu_config.items() for gpu_id in ids}
 
     def inventory(self) -> list[GpuInfo]:
@@ -91,7 +103,7 @@ class SimulatedBackend:
                     minor=gpu_id,
                     device=str(path),
                     memory_total_mib=MEMORY_BY_TYPE_MIB.get(gpu_type.lower(), DEFAULT_MEMORY_MIB),
-                    uuid=f"GPU-simulated-{gpu_id:04d}",
+                    uuid=simulated_uuid(self.host, gpu_id),
                     pci_bus_id=f"00000000:{gpu_id + 1:02X}:00.0",
                 )
             )

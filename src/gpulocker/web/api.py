@@ -216,7 +216,7 @@ def request_allocation(body: s.AllocationRequest) -> dict[str, Any]:
     applied = all(r.access_applied_at is not None for r in rows)
     return {
         "allocations": [r.to_dict() for r in rows],
-        "cuda_visible_devices": allocations.cuda_visible_devices(rows),
+        "cuda_visible_devices": allocations.cuda_visible_devices(get_ctx().db, rows),
         "access": "applied" if applied else "pending",
         "agent": "running" if agent_alive else "not running",
     }

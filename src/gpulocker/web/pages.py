@@ -27,6 +27,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from gpulocker import (
     allocations,
     auth,
+    cudaline,
     gpustatus,
     inbox,
     inventory,
@@ -206,7 +207,7 @@ def _dashboard(form: RequestForm, status: int = 200, errors: dict[str, str] | No
     html = render_template(
         "dashboard.html",
         mine=mine,
-        cuda=allocations.cuda_visible_devices(mine),
+        cuda=cudaline.export_line(allocations.cuda_visible_devices(ctx.db, mine)) if mine else "",
         multi_host=len({a.host for a in mine}) > 1,
         types=types,
         lockout=lockout,
