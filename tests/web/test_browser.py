@@ -183,7 +183,7 @@ def test_it_takes_two_gpus_watches_them_live_and_gives_them_back(
     sign_in(page, server, users[ALICE])
     request_gpus(page, "4090", 2, 1)
     expect(page.get_by_role("status").filter(has_text="You have GPU 0, 1 (4090)")).to_be_visible()
-    expect(page.locator("#cuda-line")).to_have_text(export(0, 1))
+    expect(page.locator("#cuda-line")).to_have_text(export(0, 1, host="browserhost"))
     mine = page.get_by_test_id("my-allocations").locator("tbody tr")
     expect(mine).to_have_count(2)
 
@@ -237,7 +237,7 @@ def test_it_lets_an_admin_release_another_users_gpu_and_see_it_logged(
     bob = new_page()  # type: ignore[operator]
     sign_in(bob, server, users[BOB])
     request_gpus(bob, "a100", 1, 2)
-    expect(bob.locator("#cuda-line")).to_have_text(export(4))
+    expect(bob.locator("#cuda-line")).to_have_text(export(4, host="browserhost"))
 
     admin = new_page()  # type: ignore[operator]
     sign_in(admin, server, users[ADMIN])
