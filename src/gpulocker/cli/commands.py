@@ -368,7 +368,7 @@ def request(
     gpu_ids: str | None,
     as_json: bool,
 ) -> None:
-    """Take N GPUs of a type for a time; prints `export CUDA_VISIBLE_DEVICES=...`.
+    """Take N GPUs of a type for a time; prints `export ... CUDA_VISIBLE_DEVICES=<UUIDs>`.
 
     Use `eval "$(gpulocker request -t 4090 -n 1 --hours 4)"` to set it in your shell.
     """
