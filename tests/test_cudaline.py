@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -50,10 +51,10 @@ def test_the_export_line_sets_both_variables_in_a_real_shell() -> None:
     assert shell.stdout == f"PCI_BUS_ID|{H100},MIG-GPU-5a1c0e2e-6f3b-4c1d-9a3e-8b7f2d4c1e90/1/0\n"
 
 
-def test_simulated_gpus_have_stable_uuids_of_the_real_shape(tmp_path: object) -> None:
-    first = SimulatedBackend({"4090": [0, 1]}, tmp_path, host="h1").inventory()  # type: ignore[arg-type]
-    again = SimulatedBackend({"4090": [0, 1]}, tmp_path, host="h1").inventory()  # type: ignore[arg-type]
-    other = SimulatedBackend({"4090": [0]}, tmp_path, host="h2").inventory()  # type: ignore[arg-type]
+def test_simulated_gpus_have_stable_uuids_of_the_real_shape(tmp_path: Path) -> None:
+    first = SimulatedBackend({"4090": [0, 1]}, tmp_path, host="h1").inventory()
+    again = SimulatedBackend({"4090": [0, 1]}, tmp_path, host="h1").inventory()
+    other = SimulatedBackend({"4090": [0]}, tmp_path, host="h2").inventory()
     assert [g.uuid for g in first] == [g.uuid for g in again]
     assert first[0].uuid == simulated_uuid("h1", 0) != other[0].uuid
     assert all(cudaline.is_entry(g.uuid or "") for g in first)
@@ -68,3 +69,28 @@ def test_a_grant_is_named_by_the_uuids_the_inventory_stored(
         for gpu in session.query(Gpu).filter(Gpu.gpu_id == 3):
             gpu.uuid = None  # a backend that knows no UUID for it
     assert allocations.cuda_visible_devices(db, rows) == f"{simulated_uuid('testhost', 1)},3"
+
+
+def test_a_hostile_server_answer_never_reaches_the_users_shell(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import click
+
+    from gpulocker.cli import commands
+
+    marker = tmp_path / "owned"
+    row = {
+        "id": 1,
+        "gpu_id": 0,
+        "gpu_type": "4090",
+        "host": "h",
+        "user": ALICE,
+        "device": "/dev/nvidia0",
+        "expires_at": "2030-01-01T00:00:00+00:00",
+    }
+    answer = {"allocations": [row], "cuda_visible_devices": f"0$(touch {marker})"}
+    with pytest.raises(click.ClickException, match="cannot be used"):
+        commands.print_grant({**answer, "access_applied": True})
+    out = capsys.readouterr().out
+    subprocess.run(["bash", "-c", f'eval "{out}"'], check=True)
+    assert out == "" and not marker.exists()
