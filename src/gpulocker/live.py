@@ -152,3 +152,53 @@ def _process(entry: Any) -> bool:
         and _number(entry.get("memory_mib"))
         and _text(entry.get("name"))
     )
+
+
+class Updates:
+    """Waits for the next publish, for live pages (server-sent events, long polls).
+
+    With Redis it listens on REDIS_CHANNEL (no database reads at all); without Redis it
+    looks at the newest `live_status` time a few times a second (one small query).
+    """
+
+    POLL_SECONDS = 0.25
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._pubsub: Any = None
+        self._last: Any = None
+        if ctx.redis is not None:
+            self._pubsub = ctx.redis.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(REDIS_CHANNEL)
+        else:
+            self._last = self._newest()
+
+    def _newest(self) -> Any:
+        from sqlalchemy import func
+
+        with self.ctx.db.session() as session:
+            return session.scalar(select(func.max(LiveStatus.at)))
+
+    def wait(self, timeout: float) -> bool:
+        """Block until an agent publishes or `timeout` seconds pass; True if one published."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        if self._pubsub is not None:
+            while (left := deadline - time.monotonic()) > 0:
+                if self._pubsub.get_message(timeout=left) is not None:
+                    return True
+            return False
+        while True:
+            newest = self._newest()
+            if newest is not None and newest != self._last:
+                self._last = newest
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(self.POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+
+    def close(self) -> None:
+        """Stop listening."""
+        if self._pubsub is not None:
+            self._pubsub.close()
