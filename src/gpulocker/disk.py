@@ -29,8 +29,8 @@ from gpulocker.background import worker_for
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
+from gpulocker.history import AgentView
 from gpulocker.models import DiskUsage, utcnow
-from gpulocker.monitor import AgentView
 
 log = logging.getLogger(__name__)
 

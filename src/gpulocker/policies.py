@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 from gpulocker import allocations, events, lease, live
 from gpulocker.config import Settings
 from gpulocker.context import Context
+from gpulocker.history import AgentView, max_sample_age
 from gpulocker.models import ACTIVE, EXPIRED, REVOKED, Allocation, GpuSample, utcnow
-from gpulocker.monitor import AgentView, max_sample_age
 from gpulocker.notify import notify
 
 log = logging.getLogger(__name__)

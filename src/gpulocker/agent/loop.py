@@ -528,7 +528,7 @@ def heartbeat_step(agent: Agent) -> bool:
 
 def default_steps() -> list[Step]:
     """The agent's steps, in the order each tick runs them."""
-    from gpulocker import disk, monitor, policies
+    from gpulocker import disk, history, policies
     from gpulocker.agent import violations
     from gpulocker.notify import outbox, telegram
 
@@ -538,7 +538,7 @@ def default_steps() -> list[Step]:
         Step("reap", reap_step, lambda s: POLL_SECONDS),
         Step("violations", violations.check, lambda s: s.gpus_status_refresh_rate_seconds),
         Step("heartbeat", heartbeat_step, lambda s: HEARTBEAT_SECONDS),
-        Step("history", monitor.history_step, monitor.history_every),
+        Step("history", history.history_step, history.history_every),
         Step("policies", policies.policies_step, policies.policies_every),
         Step("outbox", outbox.outbox_step, outbox.outbox_every),
         Step("telegram", telegram.updates_step, telegram.updates_every),

@@ -25,8 +25,8 @@ from gpulocker.background import Worker, worker_for
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
+from gpulocker.history import AgentView
 from gpulocker.models import OutboxMessage, utcnow
-from gpulocker.monitor import AgentView
 from gpulocker.notify import APPRISE, TELEGRAM, telegram
 from gpulocker.notify.telegram import DeliveryError
 
