@@ -530,7 +530,7 @@ def default_steps() -> list[Step]:
     """The agent's steps, in the order each tick runs them."""
     from gpulocker import disk, history, policies
     from gpulocker.agent import violations
-    from gpulocker.notify import outbox, telegram
+    from gpulocker.notify import linking, outbox
 
     return [
         Step("sample", sample_step, lambda s: s.gpus_status_refresh_rate_seconds),
@@ -541,7 +541,7 @@ def default_steps() -> list[Step]:
         Step("history", history.history_step, history.history_every),
         Step("policies", policies.policies_step, policies.policies_every),
         Step("outbox", outbox.outbox_step, outbox.outbox_every),
-        Step("telegram", telegram.updates_step, telegram.updates_every),
+        Step("telegram", linking.updates_step, linking.updates_every),
         Step("disk", disk.disk_step, disk.disk_every),
     ]
 
