@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import Float, Integer, cast, delete, func, select
 from sqlalchemy.orm import Session
@@ -26,6 +26,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.gpus import GpuSample as LiveSample
+from gpulocker.hostview import HostView
 from gpulocker.models import ACTIVE, Allocation, GpuSample, utcnow
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,6 @@ MAX_POINTS = 1000
 UNIX_EPOCH_JULIAN_DAY = 2440587.5
 
 # --- sampling (the agent's history step)
-
-
-class AgentView(Protocol):
-    """What the steps of this package need from the agent that runs them."""
-
-    ctx: Context
-    settings: Settings
-    host: str
-    samples: dict[int, LiveSample]
 
 
 def max_sample_age(settings: Settings) -> timedelta:
@@ -97,7 +89,7 @@ def prune(ctx: Context, host: str, gpu_ids: Iterable[int], now: datetime | None 
     return deleted
 
 
-def history_step(agent: AgentView) -> bool:
+def history_step(agent: HostView) -> bool:
     """Agent step: record the newest samples and prune old rows. True if it wrote anything."""
     written = record(agent.ctx, agent.host, list(agent.samples.values()))
     pruned = prune(agent.ctx, agent.host, list(agent.samples))
@@ -113,6 +105,18 @@ def history_step(agent: AgentView) -> bool:
 def history_every(settings: Settings) -> float:
     """The history step's period in seconds (GPU_ACTIVITY_CHECK_MINUTES)."""
     return settings.gpu_activity_check_minutes * 60.0
+
+
+class HistoryStep:
+    """Agent step: store the newest readings every GPU_ACTIVITY_CHECK_MINUTES."""
+
+    name = "history"
+
+    def every(self, settings: Settings) -> float:
+        return history_every(settings)
+
+    def run(self, view: HostView) -> bool:
+        return history_step(view)
 
 
 # --- queries (charts)

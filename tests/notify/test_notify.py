@@ -7,12 +7,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import time_machine
 from sqlalchemy import select
 
 from gpulocker import allocations
+from gpulocker.background import Worker
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
@@ -258,7 +260,6 @@ def test_the_agent_delivers_in_the_background_and_after_a_restart(
     tg_settings: Settings, db: Database, fake: FakeTelegram
 ) -> None:
     from gpulocker.agent.loop import Agent
-    from gpulocker.background import worker_for
 
     link(db, ALICE, ALICE_CHAT)
     fake.stop()
@@ -266,7 +267,7 @@ def test_the_agent_delivers_in_the_background_and_after_a_restart(
     allocations.request(db, tg_settings, ALICE, "4090", 1, 1)
     say(first.ctx, "second", users=[ALICE])
     assert first.tick(force=True)["outbox"] is True  # a delivery thread started
-    assert worker_for(first, "outbox").join(timeout=30)
+    assert step_worker(first, "outbox").join(timeout=30)
     assert [r.attempts for r in pending_rows(db)] == [1, 0]
     first.close()
     first.ctx.close()  # the agent is gone; the messages are in the database
@@ -275,7 +276,7 @@ def test_the_agent_delivers_in_the_background_and_after_a_restart(
     second = Agent(Context(tg_settings))
     with time_machine.travel(utcnow() + timedelta(seconds=outbox.FIRST_RETRY_SECONDS + 1)):
         assert second.tick(force=True)["outbox"] is True
-        assert worker_for(second, "outbox").join(timeout=30)
+        assert step_worker(second, "outbox").join(timeout=30)
     second.close()
     second.ctx.close()
     assert [text.split(" (")[0] for _, text in fake.sent] == ["You have GPU(s) 0", "second"]
@@ -287,7 +288,6 @@ def test_the_agent_links_chats_in_the_background_one_reader_at_a_time(
 ) -> None:
     from gpulocker import lease
     from gpulocker.agent.loop import Agent
-    from gpulocker.background import worker_for
 
     code = linking.start_link(tg_ctx.db, BOB)
     fake.updates.append(
@@ -295,10 +295,17 @@ def test_the_agent_links_chats_in_the_background_one_reader_at_a_time(
     )
     agent = Agent(tg_ctx)
     assert agent.tick(force=True)["telegram"] is True
-    assert worker_for(agent, "telegram-updates").join(timeout=30)
+    assert step_worker(agent, "telegram").join(timeout=30)
     assert linking.link_status(tg_ctx.db, BOB)["chat_id"] == "555"
     # Telegram allows one getUpdates reader per bot: another process holding the lease wins.
     assert lease.release(tg_ctx.db, linking.UPDATES_LEASE)
     assert lease.acquire(tg_ctx.db, linking.UPDATES_LEASE, 60, holder="another-agent")
     assert agent.tick(force=True)["telegram"] is False
     agent.close()
+
+
+def step_worker(agent: Any, name: str) -> Worker:
+    """The background worker owned by the agent's step `name` (outbox, telegram)."""
+    step = agent.step(name)
+    assert isinstance(step, outbox.OutboxStep | linking.TelegramLinkStep)
+    return step.worker

@@ -17,9 +17,12 @@ from typing import Any
 
 from sqlalchemy import select
 
+from gpulocker import lease
+from gpulocker.background import Worker
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
+from gpulocker.hostview import HostView
 from gpulocker.models import Setting, UserProfile, utcnow
 from gpulocker.notify import TELEGRAM, notify
 from gpulocker.notify.outbox import queue
@@ -180,20 +183,22 @@ def _poll_quietly(ctx: Context) -> None:
         log.exception("reading Telegram updates failed")
 
 
-def updates_step(agent: Any) -> bool:
-    """Agent step: read the bot's messages (chat linking) in the background. One process
-    at a time (lease), as Telegram allows a single getUpdates reader per bot."""
-    from gpulocker import lease
-    from gpulocker.background import worker_for
+class TelegramLinkStep:
+    """Agent step: read the bot's messages (chat linking) in the background (its own
+    worker). One process at a time (lease), as Telegram allows a single getUpdates reader
+    per bot. Chats are looked for every few seconds (a short poll: one cheap request)."""
 
-    if not agent.settings.telegram_bot_token:
-        return False
-    worker = worker_for(agent, "telegram-updates")
-    if worker.busy or not lease.acquire(agent.ctx.db, UPDATES_LEASE, 60.0):
-        return False
-    return worker.start(_poll_quietly, agent.ctx)
+    name = "telegram"
 
+    def __init__(self) -> None:
+        self.worker = Worker("telegram-updates")
 
-def updates_every(settings: Settings) -> float:
-    """Chats are looked for every few seconds (a short poll: one cheap request)."""
-    return 3.0
+    def every(self, settings: Settings) -> float:
+        return 3.0
+
+    def run(self, view: HostView) -> bool:
+        if not view.settings.telegram_bot_token:
+            return False
+        if self.worker.busy or not lease.acquire(view.ctx.db, UPDATES_LEASE, 60.0):
+            return False
+        return self.worker.start(_poll_quietly, view.ctx)
