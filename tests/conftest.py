@@ -105,6 +105,7 @@ def settings(tmp_path: Path, database_url: str, device_dir: Path) -> Settings:
         secret_key="test-secret-key",
         kill_grace_seconds=1.0,
         reconcile_seconds=0.5,
+        login_failure_floor_seconds=0,  # failed sign-ins are not padded, to keep tests fast
         socket_path=device_dir.parent / "gl.sock",  # never the system's /run/gpulocker
     )
 

@@ -15,7 +15,7 @@ import time_machine
 
 from gpulocker import disk
 from gpulocker.agent.loop import Agent
-from gpulocker.background import worker_for
+from gpulocker.background import Worker
 from gpulocker.context import Context
 from gpulocker.models import utcnow
 from tests.helpers import ALICE, BOB, CAROL, TestUser
@@ -119,7 +119,7 @@ def test_the_agent_measures_in_the_background(ctx: Context, homes: dict) -> None
     disk.usage_for(ctx, ALICE)
     agent = Agent(ctx)
     assert agent.tick(force=True)["disk"] is True  # a thread was started; the tick went on
-    assert worker_for(agent, "disk").join(timeout=30)
+    assert disk_worker(agent).join(timeout=30)
     assert disk.usage_for(ctx, ALICE)["status"] == "done"
     assert agent.tick(force=True)["disk"] is False  # nothing left to measure
     agent.close()
@@ -138,3 +138,10 @@ def test_an_unknown_user_gets_an_error_not_a_scan(ctx: Context) -> None:
     answer = disk.usage_for(ctx, "no-such-user-xyz")
     assert answer["status"] == "error" and "no such user" in answer["error"]
     assert disk.scan_pending(ctx) == 0
+
+
+def disk_worker(agent: Agent) -> Worker:
+    """The background worker of the agent's disk step."""
+    step = agent.step("disk")
+    assert isinstance(step, disk.DiskStep)
+    return step.worker

@@ -1,7 +1,7 @@
 """Signing in: a Linux account's password checked by PAM, with throttling of failures.
 
 Two promises. No user enumeration: a wrong password and an unknown user get the same
-answer after about the same time (every failure is padded to `FAILURE_FLOOR_SECONDS`,
+answer after about the same time (every failure is padded to LOGIN_FAILURE_FLOOR_SECONDS, 3 s,
 which covers pam_unix's own delay). Throttling: after `USER_LIMIT` failures for one user
 name, or `ADDRESS_LIMIT` from one client address, within `WINDOW_SECONDS`, further
 attempts are refused with `Throttled` (and its `retry_after`) without asking PAM at all.
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 WINDOW_SECONDS = 15 * 60
 USER_LIMIT = 5
 ADDRESS_LIMIT = 20
-FAILURE_FLOOR_SECONDS = 3.0
 FAILED = "wrong user name or password"
 
 # libpam modules are not all thread-safe; one conversation at a time per process.
@@ -91,12 +90,15 @@ def authenticate(
     username: str,
     password: str,
     address: str,
-    floor_seconds: float = FAILURE_FLOOR_SECONDS,
+    floor_seconds: float | None = None,
 ) -> str:
-    """The signed-in user name, or raise Throttled / BadCredentials.
+    """The signed-in user name, or raise Throttled / BadCredentials. A failure is padded to
+    `floor_seconds` (LOGIN_FAILURE_FLOOR_SECONDS when None).
 
     Throttling is checked before PAM is asked, so a blocked guesser learns nothing.
     """
+    if floor_seconds is None:
+        floor_seconds = ctx.settings.login_failure_floor_seconds
     attempt = Attempt(username.strip(), address or "unknown")
     check_throttle(ctx, attempt)
     counted = reserve(ctx, attempt)

@@ -1,4 +1,4 @@
-"""One background thread per job of an agent, for work that may be slow (sending to a
+"""A background thread for one job of an agent (each step that needs one owns it), for work that may be slow (sending to a
 channel that hangs, measuring a huge home directory) and so must never run inside the
 agent's loop, where enforcement has to keep its pace."""
 
@@ -7,9 +7,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from typing import Any
-
-_registry: dict[tuple[int, str], Worker] = {}
-_registry_lock = threading.Lock()
 
 
 class Worker:
@@ -42,13 +39,3 @@ class Worker:
         if thread is not None:
             thread.join(timeout)
         return not self.busy
-
-
-def worker_for(owner: object, name: str) -> Worker:
-    """The worker `name` of `owner` (an agent), made on first use."""
-    key = (id(owner), name)
-    with _registry_lock:
-        worker = _registry.get(key)
-        if worker is None:
-            worker = _registry[key] = Worker(name)
-        return worker

@@ -83,6 +83,7 @@ class Settings:
     privileged_gpu_access: bool = False
     reconcile_seconds: float = 10.0
     pam_service: str = "login"
+    login_failure_floor_seconds: float = 3.0
     ssl_cert: str | None = None
     ssl_key: str | None = None
     telegram_api_url: str = "https://api.telegram.org"
@@ -300,6 +301,7 @@ KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PRIVILEGED_GPU_ACCESS": ("privileged_gpu_access", _bool),
     "RECONCILE_SECONDS": ("reconcile_seconds", _float(strictly_positive=True)),
     "PAM_SERVICE": ("pam_service", _str),
+    "LOGIN_FAILURE_FLOOR_SECONDS": ("login_failure_floor_seconds", _float()),
     "SSL_CERT": ("ssl_cert", _optional_str),
     "SSL_KEY": ("ssl_key", _optional_str),
     "TOKEN_DAYS": ("token_days", _float(strictly_positive=True)),

@@ -25,12 +25,12 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from gpulocker.background import worker_for
+from gpulocker.background import Worker
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
+from gpulocker.hostview import HostView
 from gpulocker.models import DiskUsage, utcnow
-from gpulocker.monitor import AgentView
 
 log = logging.getLogger(__name__)
 
@@ -255,14 +255,19 @@ def has_pending(db: Database) -> bool:
         return session.scalar(stmt.limit(1)) is not None
 
 
-def disk_step(agent: AgentView) -> bool:
-    """Agent step: start measuring requested homes in the background."""
-    worker = worker_for(agent, "disk")
-    if worker.busy or not has_pending(agent.ctx.db):
-        return False
-    return worker.start(_scan_quietly, agent.ctx)
+class DiskStep:
+    """Agent step: start measuring requested homes in the background (its own worker), so
+    a huge home never stalls the loop. Requests are looked for every few seconds."""
 
+    name = "disk"
 
-def disk_every(settings: Settings) -> float:
-    """Requests are looked for every few seconds."""
-    return 3.0
+    def __init__(self) -> None:
+        self.worker = Worker("disk")
+
+    def every(self, settings: Settings) -> float:
+        return 3.0
+
+    def run(self, view: HostView) -> bool:
+        if self.worker.busy or not has_pending(view.ctx.db):
+            return False
+        return self.worker.start(_scan_quietly, view.ctx)

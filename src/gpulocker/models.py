@@ -30,7 +30,7 @@ ACTIVE = "active"
 RELEASED = "released"
 EXPIRED = "expired"
 REVOKED = "revoked"
-STATES = (ACTIVE, RELEASED, EXPIRED, REVOKED)
+STATES = (ACTIVE, RELEASED, EXPIRED, REVOKED)  # the one list of allocation states
 
 
 def utcnow() -> datetime:

@@ -22,8 +22,9 @@ from sqlalchemy.orm import Session
 from gpulocker import allocations, events, lease, live
 from gpulocker.config import Settings
 from gpulocker.context import Context
+from gpulocker.history import max_sample_age
+from gpulocker.hostview import HostView
 from gpulocker.models import ACTIVE, EXPIRED, REVOKED, Allocation, GpuSample, utcnow
-from gpulocker.monitor import AgentView, max_sample_age
 from gpulocker.notify import notify
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ def slot_seconds(settings: Settings, period: float) -> float:
     return period - policies_every(settings) / 2
 
 
-def policies_step(agent: AgentView) -> bool:
+def policies_step(agent: HostView) -> bool:
     """Agent step: run expiry and reminders, and the idle policy when its period is due, if
     this process wins the period's slot (leases `policies-expiry`, `policies-idle`), so one
     runner acts per period however many agents and hosts there are."""
@@ -318,3 +319,15 @@ def policies_step(agent: AgentView) -> bool:
         return False
     idle = lease.claim_slot(db, IDLE_LEASE, slot_seconds(settings, idle_period(settings)))
     return run(agent.ctx, idle=idle).did_work
+
+
+class PoliciesStep:
+    """Agent step: expiry, reminders and the idle policy, one runner per period."""
+
+    name = "policies"
+
+    def every(self, settings: Settings) -> float:
+        return policies_every(settings)
+
+    def run(self, view: HostView) -> bool:
+        return policies_step(view)

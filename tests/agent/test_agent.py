@@ -17,7 +17,8 @@ from sqlalchemy import select
 
 from gpulocker import allocations, events, heartbeat, live
 from gpulocker.agent import access
-from gpulocker.agent.loop import POLL_SECONDS, Agent, Step, start_in_thread
+from gpulocker.agent.loop import POLL_SECONDS, Agent, start_in_thread
+from gpulocker.agent.steps import AgentStep, FunctionStep, StepView
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
@@ -307,16 +308,19 @@ def test_it_publishes_samples_and_beats(ctx: Context, settings: Settings) -> Non
 
 
 def test_a_failing_step_does_not_stop_the_others(ctx: Context) -> None:
-    def broken(agent: Agent) -> bool:
+    def broken(view: StepView) -> bool:
         raise RuntimeError("one bad row")
 
     ran: list[str] = []
 
-    def fine(agent: Agent) -> bool:
+    def fine(view: StepView) -> bool:
         ran.append("fine")
         return True
 
-    steps = [Step("broken", broken, lambda s: 1.0), Step("fine", fine, lambda s: 1.0)]
+    steps: list[AgentStep] = [
+        FunctionStep("broken", broken, lambda s: 1.0),
+        FunctionStep("fine", fine, lambda s: 1.0),
+    ]
     agent = Agent(ctx, steps=steps)
     assert agent.tick() == {"broken": False, "fine": True}
     assert agent.tick() == {}  # neither is due again yet

@@ -346,8 +346,7 @@ def web_url(ctx: Context, pam_service: str) -> Iterator[str]:
     """The real web app (API) on a free port of 127.0.0.1, in a thread."""
     from gpulocker.web import create_app
 
-    app = create_app(ctx=ctx)
-    app.config["LOGIN_FAILURE_FLOOR_SECONDS"] = 0.05
+    app = create_app(ctx=Context(ctx.settings.with_overrides(login_failure_floor_seconds=0.05)))
     httpd = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()

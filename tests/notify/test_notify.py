@@ -7,17 +7,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import time_machine
 from sqlalchemy import select
 
 from gpulocker import allocations
+from gpulocker.background import Worker
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
 from gpulocker.models import OutboxMessage, UserProfile, utcnow
-from gpulocker.notify import admin_message, notify, outbox, telegram
+from gpulocker.notify import admin_message, linking, notify, outbox
 from tests.fake_telegram import FakeTelegram
 from tests.helpers import ADMIN, ALICE, BOB, export
 
@@ -209,8 +211,8 @@ def test_it_sends_admin_messages_to_notify_urls(
 
 
 def test_it_links_a_chat_with_a_start_code(tg_ctx: Context, fake: FakeTelegram) -> None:
-    code = telegram.start_link(tg_ctx.db, ALICE)
-    assert telegram.link_status(tg_ctx.db, ALICE) == {
+    code = linking.start_link(tg_ctx.db, ALICE)
+    assert linking.link_status(tg_ctx.db, ALICE) == {
         "linked": False,
         "chat_id": None,
         "linked_at": None,
@@ -220,19 +222,19 @@ def test_it_links_a_chat_with_a_start_code(tg_ctx: Context, fake: FakeTelegram) 
         {"update_id": 500, "message": {"chat": {"id": 31337}, "text": "/start wrong-code"}},
         {"update_id": 501, "message": {"chat": {"id": 4242}, "text": f"/start {code}"}},
     ]
-    assert telegram.poll_updates(tg_ctx) == 1
-    status = telegram.link_status(tg_ctx.db, ALICE)
+    assert linking.poll_updates(tg_ctx) == 1
+    status = linking.link_status(tg_ctx.db, ALICE)
     assert status["linked"] and status["chat_id"] == "4242" and status["code"] is None
-    assert telegram.bot_username(tg_ctx.db) == "gpulocker_test_bot"
+    assert linking.bot_username(tg_ctx.db) == "gpulocker_test_bot"
     # The same updates are not handled twice (the offset is kept): no new link, no new reply.
-    assert telegram.poll_updates(tg_ctx) == 0
+    assert linking.poll_updates(tg_ctx) == 0
     offsets = [c.payload["offset"] for c in fake.calls if c.method == "getUpdates"]
     assert offsets == [0, 502]
     # The used code cannot link another chat.
     fake.updates.append(
         {"update_id": 502, "message": {"chat": {"id": 666}, "text": f"/start {code}"}}
     )
-    assert telegram.poll_updates(tg_ctx) == 0
+    assert linking.poll_updates(tg_ctx) == 0
     say(tg_ctx, "after linking", users=[ALICE])
     outbox.deliver(tg_ctx)
     assert fake.sent == [
@@ -247,9 +249,9 @@ def test_it_links_a_chat_with_a_start_code(tg_ctx: Context, fake: FakeTelegram) 
         ),
         ("4242", "after linking"),
     ]
-    assert telegram.unlink(tg_ctx.db, ALICE)
-    assert not telegram.link_status(tg_ctx.db, ALICE)["linked"]
-    assert "t.me/gpulocker_test_bot?start=abc" in telegram.link_instructions(
+    assert linking.unlink(tg_ctx.db, ALICE)
+    assert not linking.link_status(tg_ctx.db, ALICE)["linked"]
+    assert "t.me/gpulocker_test_bot?start=abc" in linking.link_instructions(
         "abc", "gpulocker_test_bot"
     )
 
@@ -258,7 +260,6 @@ def test_the_agent_delivers_in_the_background_and_after_a_restart(
     tg_settings: Settings, db: Database, fake: FakeTelegram
 ) -> None:
     from gpulocker.agent.loop import Agent
-    from gpulocker.background import worker_for
 
     link(db, ALICE, ALICE_CHAT)
     fake.stop()
@@ -266,7 +267,7 @@ def test_the_agent_delivers_in_the_background_and_after_a_restart(
     allocations.request(db, tg_settings, ALICE, "4090", 1, 1)
     say(first.ctx, "second", users=[ALICE])
     assert first.tick(force=True)["outbox"] is True  # a delivery thread started
-    assert worker_for(first, "outbox").join(timeout=30)
+    assert step_worker(first, "outbox").join(timeout=30)
     assert [r.attempts for r in pending_rows(db)] == [1, 0]
     first.close()
     first.ctx.close()  # the agent is gone; the messages are in the database
@@ -275,7 +276,7 @@ def test_the_agent_delivers_in_the_background_and_after_a_restart(
     second = Agent(Context(tg_settings))
     with time_machine.travel(utcnow() + timedelta(seconds=outbox.FIRST_RETRY_SECONDS + 1)):
         assert second.tick(force=True)["outbox"] is True
-        assert worker_for(second, "outbox").join(timeout=30)
+        assert step_worker(second, "outbox").join(timeout=30)
     second.close()
     second.ctx.close()
     assert [text.split(" (")[0] for _, text in fake.sent] == ["You have GPU(s) 0", "second"]
@@ -287,18 +288,24 @@ def test_the_agent_links_chats_in_the_background_one_reader_at_a_time(
 ) -> None:
     from gpulocker import lease
     from gpulocker.agent.loop import Agent
-    from gpulocker.background import worker_for
 
-    code = telegram.start_link(tg_ctx.db, BOB)
+    code = linking.start_link(tg_ctx.db, BOB)
     fake.updates.append(
         {"update_id": 7, "message": {"chat": {"id": 555}, "text": f"/start {code}"}}
     )
     agent = Agent(tg_ctx)
     assert agent.tick(force=True)["telegram"] is True
-    assert worker_for(agent, "telegram-updates").join(timeout=30)
-    assert telegram.link_status(tg_ctx.db, BOB)["chat_id"] == "555"
+    assert step_worker(agent, "telegram").join(timeout=30)
+    assert linking.link_status(tg_ctx.db, BOB)["chat_id"] == "555"
     # Telegram allows one getUpdates reader per bot: another process holding the lease wins.
-    assert lease.release(tg_ctx.db, telegram.UPDATES_LEASE)
-    assert lease.acquire(tg_ctx.db, telegram.UPDATES_LEASE, 60, holder="another-agent")
+    assert lease.release(tg_ctx.db, linking.UPDATES_LEASE)
+    assert lease.acquire(tg_ctx.db, linking.UPDATES_LEASE, 60, holder="another-agent")
     assert agent.tick(force=True)["telegram"] is False
     agent.close()
+
+
+def step_worker(agent: Any, name: str) -> Worker:
+    """The background worker owned by the agent's step `name` (outbox, telegram)."""
+    step = agent.step(name)
+    assert isinstance(step, outbox.OutboxStep | linking.TelegramLinkStep)
+    return step.worker

@@ -19,7 +19,7 @@ Headers = dict[str, str]
 def app(ctx: Context) -> Flask:
     """The web app on the test's Context (failed sign-ins are not padded, to keep tests fast)."""
     application = create_app(ctx=ctx)
-    application.config.update(TESTING=True, LOGIN_FAILURE_FLOOR_SECONDS=0)
+    application.config.update(TESTING=True)
     return application
 
 

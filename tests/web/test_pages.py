@@ -30,7 +30,7 @@ def app(ctx: Context, pam_service: str, users: dict[str, TestUser]) -> Iterator[
     """The real app on the test's database, signing in through the test PAM service."""
     assert ctx.settings.pam_service == pam_service
     application = create_app(ctx=ctx)
-    application.config.update(TESTING=True, LOGIN_FAILURE_FLOOR_SECONDS=0)
+    application.config.update(TESTING=True)
     yield application
 
 
@@ -412,16 +412,16 @@ def test_it_links_and_unlinks_telegram_from_the_settings_page(
     ctx: Context, pam_service: str, users: dict[str, TestUser]
 ) -> None:
     from gpulocker.models import UserProfile
-    from gpulocker.notify import telegram
+    from gpulocker.notify import linking
 
     with_bot = Context(ctx.settings.with_overrides(telegram_bot_token="123:bot"))
     app = create_app(ctx=with_bot)
-    app.config.update(TESTING=True, LOGIN_FAILURE_FLOOR_SECONDS=0)
+    app.config.update(TESTING=True)
     client = sign_in(app, users[ALICE])
     assert "Link Telegram" in client.get("/settings").get_data(as_text=True)
     status, _ = post(client, "/settings/telegram/link", page="/settings")
     assert status == 302
-    code = telegram.link_status(ctx.db, ALICE)["code"]
+    code = linking.link_status(ctx.db, ALICE)["code"]
     assert code and f"/start {code}" in client.get("/settings").get_data(as_text=True)
     with ctx.db.transaction() as session:  # what the agent does when the bot gets the code
         profile = session.get(UserProfile, ALICE)
@@ -431,7 +431,7 @@ def test_it_links_and_unlinks_telegram_from_the_settings_page(
     assert "<code>4242</code>" in html and "Unlink Telegram" in html
     status, _ = post(client, "/settings/telegram/unlink", page="/settings")
     assert status == 302
-    assert not telegram.link_status(ctx.db, ALICE)["linked"]
+    assert not linking.link_status(ctx.db, ALICE)["linked"]
     with_bot.close()
 
 

@@ -15,20 +15,17 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import psutil
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gpulocker import events, lockouts
+from gpulocker.agent.steps import StepView
 from gpulocker.config import Settings
 from gpulocker.gpus import GpuSample
 from gpulocker.models import Allocation
 from gpulocker.notify import notify
-
-if TYPE_CHECKING:
-    from gpulocker.agent.loop import Agent
 
 log = logging.getLogger(__name__)
 
@@ -115,34 +112,44 @@ def record(
     )
 
 
-def check(agent: Agent) -> bool:
-    """The agent step: find violators in the newest samples and deal with each once."""
-    _forget_gone(agent.punished)
-    with agent.ctx.db.session() as session:
-        allowed = allowed_users(session, agent.host)
-    fresh = [
-        s
-        for s in suspects(agent.samples, allowed, exempt(agent.settings))
-        if _new_and_alive(s, agent.punished)
-    ]
-    by_user: dict[str, list[Suspect]] = defaultdict(list)
-    for suspect in fresh:
-        by_user[suspect.user].append(suspect)
-    for user, found in by_user.items():
-        _punish(agent, user, found)
-    return bool(by_user)
+class ViolationsStep:
+    """Agent step: find violators in the newest samples and deal with each once. Owns the
+    processes already punished (pid -> start time), so a process is punished once."""
 
+    name = "violations"
 
-def _punish(agent: Agent, user: str, found: list[Suspect]) -> None:
-    killed = agent.settings.kill_violators
-    pids = [s.pid for s in found]
-    log.warning("violation by %s on %s: pids %s", user, agent.host, pids)
-    if killed:
-        agent.reaper.terminate(pids)
-    with agent.ctx.db.transaction() as session:
-        record(session, agent.settings, agent.host, user, found, killed)
-    for suspect in found:
-        agent.punished[suspect.pid] = _start_time(suspect.pid) or 0.0
+    def __init__(self) -> None:
+        self.punished: dict[int, float] = {}
+
+    def every(self, settings: Settings) -> float:
+        return settings.gpus_status_refresh_rate_seconds
+
+    def run(self, view: StepView) -> bool:
+        _forget_gone(self.punished)
+        with view.ctx.db.session() as session:
+            allowed = allowed_users(session, view.host)
+        fresh = [
+            s
+            for s in suspects(view.samples, allowed, exempt(view.settings))
+            if _new_and_alive(s, self.punished)
+        ]
+        by_user: dict[str, list[Suspect]] = defaultdict(list)
+        for suspect in fresh:
+            by_user[suspect.user].append(suspect)
+        for user, found in by_user.items():
+            self._punish(view, user, found)
+        return bool(by_user)
+
+    def _punish(self, view: StepView, user: str, found: list[Suspect]) -> None:
+        killed = view.settings.kill_violators
+        pids = [s.pid for s in found]
+        log.warning("violation by %s on %s: pids %s", user, view.host, pids)
+        if killed:
+            view.reaper.terminate(pids)
+        with view.ctx.db.transaction() as session:
+            record(session, view.settings, view.host, user, found, killed)
+        for suspect in found:
+            self.punished[suspect.pid] = _start_time(suspect.pid) or 0.0
 
 
 def _new_and_alive(suspect: Suspect, punished: dict[int, float]) -> bool:

@@ -21,12 +21,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from gpulocker.background import Worker, worker_for
+from gpulocker.background import Worker
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.db import Database
+from gpulocker.hostview import HostView
 from gpulocker.models import OutboxMessage, utcnow
-from gpulocker.monitor import AgentView
 from gpulocker.notify import APPRISE, TELEGRAM, telegram
 from gpulocker.notify.telegram import DeliveryError
 
@@ -262,14 +262,19 @@ def _deliver_quietly(ctx: Context) -> None:
         log.exception("outbox delivery pass failed")
 
 
-def outbox_step(agent: AgentView) -> bool:
-    """Agent step: start a delivery pass in the background when messages are due."""
-    worker: Worker = worker_for(agent, "outbox")
-    if worker.busy or not has_due(agent.ctx.db):
-        return False
-    return worker.start(_deliver_quietly, agent.ctx)
+class OutboxStep:
+    """Agent step: start a delivery pass in the background (its own worker) when messages
+    are due, so a slow channel never stalls the loop. Looked for every second."""
 
+    name = "outbox"
 
-def outbox_every(settings: Settings) -> float:
-    """Due messages are looked for every second."""
-    return 1.0
+    def __init__(self) -> None:
+        self.worker = Worker("outbox")
+
+    def every(self, settings: Settings) -> float:
+        return 1.0
+
+    def run(self, view: HostView) -> bool:
+        if self.worker.busy or not has_due(view.ctx.db):
+            return False
+        return self.worker.start(_deliver_quietly, view.ctx)

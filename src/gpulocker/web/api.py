@@ -133,15 +133,10 @@ def _find_gpu(session: Any, gpu_id: int, host: str) -> Gpu:
 )
 def create_token(body: s.TokenRequest) -> dict[str, Any]:
     ctx = get_ctx()
-    floor = float(_app_config("LOGIN_FAILURE_FLOOR_SECONDS", auth.FAILURE_FLOOR_SECONDS))
-    user = auth.authenticate(ctx, body.username, body.password, client_address(), floor)
+    user = auth.authenticate(ctx, body.username, body.password, client_address())
     name = body.name or f"API token from {client_address()}"
     row, raw = tokens.create(ctx.db, user, name, token_days=ctx.settings.token_days)
     return {"token": raw, "id": row.id, "username": user}
-
-
-def _app_config(key: str, default: Any) -> Any:
-    return current_app.config.get(key, default)
 
 
 @endpoint(bp, "GET", "/v1/tokens", response=s.TokenList, summary="Your API tokens")

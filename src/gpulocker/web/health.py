@@ -15,7 +15,7 @@ from flask import Blueprint, Flask, Response, current_app
 from sqlalchemy import func, select, text
 
 from gpulocker import heartbeat
-from gpulocker.models import Allocation, Gpu, utcnow
+from gpulocker.models import STATES, Allocation, Gpu, utcnow
 from gpulocker.notify import outbox
 from gpulocker.web import schemas as s
 from gpulocker.web.errors import STATUS
@@ -167,7 +167,7 @@ def _gauge_lines() -> list[str]:
         "# HELP gpulocker_allocations Allocations by state.",
         "# TYPE gpulocker_allocations gauge",
     ]
-    counts = dict.fromkeys(("active", "released", "expired", "revoked"), 0)
+    counts = dict.fromkeys(STATES, 0)
     counts.update({state: int(n) for state, n in by_state})
     lines += [f'gpulocker_allocations{{state="{k}"}} {v}' for k, v in counts.items()]
     lines += _agent_lines(beats)

@@ -13,7 +13,6 @@ from typing import Any
 
 from flask import (
     Blueprint,
-    current_app,
     flash,
     redirect,
     render_template,
@@ -37,7 +36,7 @@ from gpulocker import (
 )
 from gpulocker.errors import GPULockerError
 from gpulocker.models import Setting, utcnow
-from gpulocker.notify import telegram
+from gpulocker.notify import linking
 from gpulocker.web import admin_pages, formatting
 from gpulocker.web.errors import error_response, status_for, wants_json
 from gpulocker.web.forms import Page, RequestForm, check_input, int_arg, me, safe_next
@@ -158,8 +157,7 @@ def login() -> Page:
     if errors:
         return _login_page(username, next_url, errors, 422)
     try:
-        floor = current_app.config.get("LOGIN_FAILURE_FLOOR_SECONDS", auth.FAILURE_FLOOR_SECONDS)
-        user = auth.authenticate(get_ctx(), username, password, client_address(), floor)
+        user = auth.authenticate(get_ctx(), username, password, client_address())
     except auth.Throttled as exc:
         minutes = max(1, math.ceil(exc.retry_after / 60))
         message = f"Too many failed sign-ins. Try again in about {minutes} min."
@@ -352,8 +350,8 @@ def read_all() -> BaseResponse:
 def settings_page(new_token: str = "") -> Page:
     """Where my notifications go (link my Telegram chat), and my API tokens."""
     ctx = get_ctx()
-    status = telegram.link_status(ctx.db, me())
-    instructions = telegram.link_instructions(status["code"]) if status["code"] else ""
+    status = linking.link_status(ctx.db, me())
+    instructions = linking.link_instructions(status["code"]) if status["code"] else ""
     with ctx.db.session() as session:
         api_tokens = tokens.list_for(session, me())
     return render_template(
@@ -375,7 +373,7 @@ def telegram_link() -> BaseResponse:
     if not ctx.settings.telegram_bot_token:
         flash("Telegram is not set up on this server.", "error")
     else:
-        telegram.start_link(ctx.db, me())
+        linking.start_link(ctx.db, me())
         flash("Send the code below to the bot; this page shows the chat once it is linked.", "info")
     return redirect(url_for("pages.settings_page"))
 
@@ -384,7 +382,7 @@ def telegram_link() -> BaseResponse:
 @login_required
 def telegram_unlink() -> BaseResponse:
     """Stop sending my notifications to Telegram."""
-    if telegram.unlink(get_ctx().db, me()):
+    if linking.unlink(get_ctx().db, me()):
         flash("Telegram unlinked: notifications now stay in the app.", "success")
     else:
         flash("No Telegram chat was linked.", "info")

@@ -11,7 +11,7 @@ import pytest
 import time_machine
 from sqlalchemy import func, insert, select
 
-from gpulocker import allocations, history, live, monitor
+from gpulocker import allocations, history, live
 from gpulocker.agent.loop import Agent
 from gpulocker.config import Settings
 from gpulocker.context import Context
@@ -39,7 +39,7 @@ def test_it_records_each_gpu_with_its_holder_and_processes(
     proc = hold_open_as(users[ALICE], row.device)
     try:
         agent.samples = {s.index: s for s in agent.backend.sample()}
-        assert monitor.history_step(agent) is True
+        assert history.history_step(agent) is True
     finally:
         proc.kill()
         proc.wait()
@@ -73,9 +73,9 @@ def test_a_lost_gpu_leaves_a_gap_and_the_others_keep_being_recorded(
 
 def test_it_does_not_record_a_stale_reading(ctx: Context, settings: Settings) -> None:
     samples = SimulatedBackend(settings.gpu_config, settings.device_path).sample()
-    later = utcnow() + monitor.max_sample_age(settings) + timedelta(seconds=1)
-    assert monitor.record(ctx, HOST, samples, now=later) == 0
-    assert monitor.record(ctx, HOST, samples) == 6
+    later = utcnow() + history.max_sample_age(settings) + timedelta(seconds=1)
+    assert history.record(ctx, HOST, samples, now=later) == 0
+    assert history.record(ctx, HOST, samples) == 6
 
 
 def test_it_prunes_rows_older_than_the_retention(ctx: Context, settings: Settings) -> None:
@@ -84,10 +84,10 @@ def test_it_prunes_rows_older_than_the_retention(ctx: Context, settings: Setting
     start = utcnow()
     for day in (0, 1, 3):
         with time_machine.travel(start + timedelta(days=day)):
-            monitor.record(ctx, HOST, backend.sample())
-            monitor.record(ctx, "otherhost", backend.sample())
+            history.record(ctx, HOST, backend.sample())
+            history.record(ctx, "otherhost", backend.sample())
     with time_machine.travel(start + timedelta(days=2, hours=23)):
-        deleted = monitor.prune(ctx, HOST, range(6))
+        deleted = history.prune(ctx, HOST, range(6))
     assert deleted == 6  # day 0 of this host only; day 1 is within 2 days
     left = [(r.host, (r.at - start).days) for r in rows(ctx.db) if r.gpu_id == 0]
     assert sorted(left) == [

@@ -1,0 +1,300 @@
+"""Reconcile: make every managed device file say what the database says.
+
+The desired state is the active allocations of this host; every managed device file gets
+the fail-closed baseline plus exactly the holders' entries (and the standing entries of
+exempt users, and of admins when PRIVILEGED_GPU_ACCESS). Whatever else is found on a file
+is drift: it is undone and recorded as an event saying what was changed. An allocation
+that ended loses its entry and its holder's processes on that GPU are ended; only when
+they are gone is `access_removed_at` set, so a crash at any point is repaired by the next
+reconcile, which is the first thing a (re)started agent does. When the database cannot be
+read the last known state is kept; nobody is revoked because a read failed.
+
+When to reconcile (database changes, touched files, RECONCILE_SECONDS) is the loop's
+business (`agent/loop.py`); `files_touched()` is what it asks this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from gpulocker import allocations, events, procfs
+from gpulocker.agent import access
+from gpulocker.context import Context
+from gpulocker.inventory import TypedGpu
+from gpulocker.models import ACTIVE, Allocation, utcnow
+
+log = logging.getLogger(__name__)
+
+DB_ERRORS = (SQLAlchemyError, OSError)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """An allocation as reconcile needs it (copied out of the session)."""
+
+    allocation_id: int
+    user: str
+    gpu_id: int
+    applied: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The desired state read from the database: who holds what, what is being given up."""
+
+    active: dict[int, list[Holding]]  # gpu_id -> active allocations
+    ending: dict[int, list[Holding]]  # gpu_id -> ended allocations whose access is not removed
+
+
+@dataclass
+class Report:
+    """What one reconcile did, to be written to the database in one transaction."""
+
+    drift: list[tuple[str, int, str, list[str]]] = field(default_factory=list)
+    applied: list[int] = field(default_factory=list)
+    changed_files: int = 0
+    revokes: int = 0
+
+
+class Reconciler:
+    """The desired state of one host's device files, and the revokes under way."""
+
+    def __init__(
+        self, ctx: Context, host: str, gpus: list[TypedGpu], reaper: access.Reaper
+    ) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.host = host
+        self.gpus = gpus
+        self.reaper = reaper
+        self.plan: Plan | None = None
+        self.revoking: dict[int, tuple[Holding, list[int]]] = {}  # allocation id -> pids ended
+        self.db_ok = True
+        self.reconciled_at: str | None = None
+        self._baselined: set[str] = set()
+        self._fingerprints: dict[str, tuple[int, ...] | None] = {}
+        self._unknown_users: set[str] = set()
+
+    def files_touched(self) -> bool:
+        """True when a device file changed since the last reconcile left it: a chmod, a
+        setfacl or a re-created file all change its inode change time. One stat per file,
+        so drift is undone within the 0.2 s poll rather than RECONCILE_SECONDS."""
+        return any(_fingerprint(path) != seen for path, seen in self._fingerprints.items())
+
+    def reconcile(self) -> bool:
+        """Make every managed device file say what the database says. True if it changed
+        a file or started a revoke."""
+        plan = self.read_plan()
+        if plan is not None:
+            self.plan = plan
+        report = Report()
+        standing = self.standing_uids()
+        for gpu in self.gpus:
+            try:
+                self._reconcile_gpu(gpu, self.plan, standing, report)
+            except Exception:
+                log.exception("reconcile of GPU %s failed; the others go on", gpu.info.index)
+                # Retried every RECONCILE_SECONDS, not at every poll.
+                self._fingerprints[gpu.info.device] = _fingerprint(gpu.info.device)
+        self._write_report(report)
+        self.finish_revokes()
+        self.reconciled_at = utcnow().isoformat()
+        return bool(report.changed_files or report.revokes or report.applied)
+
+    def read_plan(self) -> Plan | None:
+        """The desired state, or None when the database cannot be read."""
+        try:
+            with self.ctx.db.session() as session:
+                active = allocations.active_on_host(session, self.host)
+                ending = session.scalars(
+                    select(Allocation).where(
+                        Allocation.host == self.host,
+                        Allocation.state != ACTIVE,
+                        Allocation.access_removed_at.is_(None),
+                    )
+                ).all()
+                plan = Plan(_by_gpu(active), _by_gpu(ending))
+        except DB_ERRORS as exc:
+            if self.db_ok:
+                log.error("database unreachable; keeping the last known access state: %s", exc)
+            self.db_ok = False
+            return None
+        if not self.db_ok:
+            log.info("database reachable again")
+        self.db_ok = True
+        return plan
+
+    def standing_uids(self) -> set[int]:
+        """Users who may always open every managed GPU: the exempt users (nvidia-persistenced
+        needs every device file) and admins when PRIVILEGED_GPU_ACCESS. Root needs no entry."""
+        names = list(self.settings.exempt_users)
+        if self.settings.privileged_gpu_access:
+            names += list(self.settings.privileged_users)
+        uids = {access.user_uid(n) for n in names}
+        return {u for u in uids if u is not None and u != 0}
+
+    def _reconcile_gpu(
+        self, gpu: TypedGpu, plan: Plan | None, standing: set[int], report: Report
+    ) -> None:
+        index, path = gpu.info.index, gpu.info.device
+        try:
+            current = access.read(path)
+        except FileNotFoundError:
+            log.warning("device file %s of GPU %s is missing; nothing to enforce", path, index)
+            self._fingerprints[path] = None  # its return is a change: reconciled at once
+            return
+        if plan is None:  # never read the database: close the file to strangers, revoke no one
+            holders: dict[int, Holding] = {}
+            want = set(current.users) | standing
+        else:
+            holders = self._holder_uids(plan.active.get(index, []))
+            want = set(holders) | standing
+        ending = [] if plan is None else plan.ending.get(index, [])
+        ending_uids = {access.user_uid(h.user) for h in ending} - want
+        drift = self._drift(current, want, holders, ending_uids)
+        if not access.compliant(current, want):
+            access.apply(path, want)
+            report.changed_files += 1
+        if drift:
+            first = path not in self._baselined and "mask::missing -> rw-" in drift
+            report.drift.append(("baseline" if first else "drift", index, path, drift))
+        self._baselined.add(path)
+        self._fingerprints[path] = _fingerprint(path)
+        report.applied += [h.allocation_id for h in holders.values() if not h.applied]
+        for holding in ending:
+            report.revokes += self._start_revoke(holding, path, want)
+
+    def _holder_uids(self, holdings: list[Holding]) -> dict[int, Holding]:
+        found = {}
+        for holding in holdings:
+            uid = access.user_uid(holding.user)
+            if uid is None:
+                if holding.user not in self._unknown_users:
+                    log.error(
+                        "allocation %s: no account %r here", holding.allocation_id, holding.user
+                    )
+                    self._unknown_users.add(holding.user)
+                continue
+            found[uid] = holding
+        return found
+
+    @staticmethod
+    def _drift(
+        current: access.FileAccess,
+        want: set[int],
+        holders: dict[int, Holding],
+        ending_uids: set[int | None],
+    ) -> list[str]:
+        """What on the file nobody asked for (grants and revokes in progress are not drift)."""
+        drift = access.baseline_problems(current)
+        if drift:
+            drift.insert(0, f"mode {current.mode_text}")
+        for uid, perms in sorted(current.users.items()):
+            name = access.user_label(uid)
+            if uid in want and perms != access.RW:
+                drift.append(f"user:{name}:{perms} -> rw-")
+            elif uid not in want and uid not in ending_uids:
+                drift.append(f"removed user:{name}:{perms}")
+        for uid in sorted(want - set(current.users)):
+            if uid in holders and holders[uid].applied:
+                drift.append(f"restored missing user:{access.user_label(uid)}:rw-")
+        return drift
+
+    def _start_revoke(self, holding: Holding, path: str, want: set[int]) -> bool:
+        """End the former holder's processes on this GPU (their entry is already gone).
+        False when this revoke is already under way."""
+        if holding.allocation_id in self.revoking:
+            return False
+        uid = access.user_uid(holding.user)
+        pids: list[int] = []
+        if uid is not None and uid not in want:
+            held = procfs.holders([path]).get(path, [])
+            pids = self.reaper.terminate(h.pid for h in held if h.uid == uid)
+            if pids:
+                log.info("revoke of allocation %s: SIGTERM to %s", holding.allocation_id, pids)
+        self.revoking[holding.allocation_id] = (holding, pids)
+        return True
+
+    def finish_revokes(self) -> bool:
+        """Set access_removed_at for revokes whose processes are all gone."""
+        self.reaper.poll()
+        done = [(h, p) for h, p in self.revoking.values() if not self.reaper.busy(p)]
+        if not done:
+            return False
+        try:
+            with self.ctx.db.transaction() as session:
+                for holding, pids in done:
+                    self._mark_removed(session, holding, pids)
+        except DB_ERRORS as exc:
+            log.error("cannot record removed access (will retry): %s", exc)
+            return False
+        for holding, _pids in done:
+            del self.revoking[holding.allocation_id]
+        return True
+
+    def _mark_removed(self, session: Any, holding: Holding, pids: list[int]) -> None:
+        result = session.execute(
+            update(Allocation)
+            .where(Allocation.id == holding.allocation_id, Allocation.access_removed_at.is_(None))
+            .values(access_removed_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        if not result.rowcount:
+            return
+        ended = f"; ended process(es) {', '.join(map(str, pids))}" if pids else ""
+        events.record(
+            session,
+            "access_removed",
+            "agent",
+            f"access of {holding.user} to GPU {holding.gpu_id} on {self.host} removed{ended}",
+            user=holding.user,
+            host=self.host,
+            gpu_id=holding.gpu_id,
+            allocation_id=holding.allocation_id,
+            data={"pids": pids},
+        )
+
+    def _write_report(self, report: Report) -> None:
+        for kind, index, path, changes in report.drift:
+            log.warning("%s on %s (GPU %s): %s", kind, path, index, "; ".join(changes))
+        if not report.drift and not report.applied:
+            return
+        try:
+            with self.ctx.db.transaction() as session:
+                for kind, index, path, changes in report.drift:
+                    events.record(
+                        session,
+                        kind,
+                        "agent",
+                        f"{path} (GPU {index}) corrected: {'; '.join(changes)}",
+                        host=self.host,
+                        gpu_id=index,
+                        data={"device": path, "changes": changes},
+                    )
+                for allocation_id in report.applied:
+                    allocations.mark_access_applied(session, allocation_id)
+        except DB_ERRORS as exc:
+            log.error("cannot record what reconcile did (the files are right): %s", exc)
+
+
+def _fingerprint(path: str) -> tuple[int, ...] | None:
+    """What changes when anyone touches a file's permissions (None: the file is missing)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mode, info.st_uid, info.st_gid, info.st_ctime_ns
+
+
+def _by_gpu(rows: Any) -> dict[int, list[Holding]]:
+    grouped: dict[int, list[Holding]] = {}
+    for row in rows:
+        holding = Holding(row.id, row.user, row.gpu_id, row.access_applied_at is not None)
+        grouped.setdefault(row.gpu_id, []).append(holding)
+    return grouped

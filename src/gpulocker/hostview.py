@@ -1,0 +1,23 @@
+"""What a step of the agent that lives in the core (history, policies, disk, outbox, chat
+linking) may see of the agent running it: its context, this host, the newest GPU readings.
+
+The agent's contract (`agent/steps.py`) widens this view for the steps that live under
+agent/; the core never imports agent/, so its steps are typed with this one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gpulocker.config import Settings
+from gpulocker.context import Context
+from gpulocker.gpus import GpuSample
+
+
+class HostView(Protocol):
+    """The agent as a core step sees it (read-only by convention)."""
+
+    ctx: Context
+    settings: Settings
+    host: str
+    samples: dict[int, GpuSample]
