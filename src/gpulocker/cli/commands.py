@@ -291,7 +291,7 @@ def print_grant(answer: dict[str, Any]) -> None:
     )
     for row in rows:
         echo(f"  allocation {row['id']}: GPU {row['gpu_id']} ({row['device']})", err=True)
-    if not answer.get("access_applied"):
+    if answer.get("access") != "applied":
         echo("  (the agent grants access on the device files within seconds)", err=True)
     try:
         line = cudaline.export_line(str(answer.get("cuda_visible_devices", "")))
@@ -536,7 +536,7 @@ def admin_reset(client: Client, yes: bool, as_json: bool) -> None:
     if as_json:
         print_json(answer)
     else:
-        echo(f"reset: {answer['ended']} allocation(s) ended")
+        echo(f"reset: {answer['count']} allocation(s) ended")
 
 
 @admin.command("release")
