@@ -212,19 +212,7 @@ class HttpClient:
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send operation `op` to its endpoint (ROUTES): one request per operation."""
-        route = ROUTES.get(op)
-        if route is None:
-            raise ClientError("invalid", f"{op} is not available over HTTP")
-        method, template, in_path = route
-        path = template.format(**{k: urllib.parse.quote(str(args[k]), safe="") for k in in_path})
-        rest = {k: v for k, v in args.items() if k not in in_path and v is not None}
-        body: dict[str, Any] | None = None
-        if method == "GET" and rest:
-            path += "?" + urllib.parse.urlencode(
-                {k: ("1" if v is True else "0" if v is False else v) for k, v in rest.items()}
-            )
-        elif method in ("POST", "PUT"):
-            body = rest
+        method, path, body = http_request_for(op, args)
         answer = http_json(method, self.server + path, body, self.token, self.timeout)
         if not isinstance(answer, dict):
             raise ClientError("protocol", f"{self.server} sent an answer that is not an object")
@@ -249,6 +237,25 @@ ROUTES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "maintenance.set_enabled": ("POST", "/api/v1/admin/maintenance", ()),
     "notify.admin_message": ("POST", "/api/v1/admin/notify", ()),
 }
+
+
+def http_request_for(op: str, args: dict[str, Any]) -> tuple[str, str, dict[str, Any] | None]:
+    """(method, path with query string, JSON body) of operation `op` with `args` over HTTP."""
+    route = ROUTES.get(op)
+    if route is None:
+        raise ClientError("invalid", f"{op} is not available over HTTP")
+    method, template, in_path = route
+    path = template.format(**{k: urllib.parse.quote(str(args.get(k)), safe="") for k in in_path})
+    rest = {k: v for k, v in args.items() if k not in in_path and v is not None}
+    if method == "GET":
+        if rest:
+            path += "?" + urllib.parse.urlencode({k: _query_value(v) for k, v in rest.items()})
+        return method, path, None
+    return method, path, rest if method == "POST" else None
+
+
+def _query_value(value: Any) -> Any:
+    return ("1" if value else "0") if isinstance(value, bool) else value
 
 
 def socket_candidates() -> list[Path]:
