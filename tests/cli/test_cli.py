@@ -23,7 +23,7 @@ from werkzeug.serving import make_server
 
 from gpulocker import allocations, live, lockouts
 from gpulocker.agent import localapi
-from gpulocker.cli.commands import duration, staleness_note, time_left
+from gpulocker.cli.render import duration, staleness_note, time_left
 from gpulocker.cli.main import main
 from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
