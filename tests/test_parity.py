@@ -9,17 +9,19 @@ input is refused with the same error code on both.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
-from gpulocker import allocations, lockouts
+from gpulocker import allocations, heartbeat, lockouts
 from gpulocker import schemas as s
 from gpulocker.agent import localapi
 from gpulocker.cli.client import ROUTES, http_request_for
 from gpulocker.context import Context
+from gpulocker.models import utcnow
 from gpulocker.operations import OPERATIONS
 from tests.agent.test_localapi import call_as
 from tests.helpers import ADMIN, ALICE, BOB, TestUser
@@ -219,3 +221,21 @@ def test_both_doors_refuse_bad_input_with_the_same_code(op: str, doors: Doors) -
         over_http = doors.http(user, op, args)
         assert over_socket.get("error", {}).get("code") == code, (args, over_socket)
         assert over_http.get("error", {}).get("code") == code, (args, over_http)
+
+
+@pytest.mark.parametrize(("silent_for", "agent"), [(30, "running"), (90, "not running")])
+def test_both_doors_judge_the_agent_alive_by_one_threshold(
+    silent_for: int, agent: str, doors: Doors
+) -> None:
+    """AGENT_STALE_SECONDS (60 by default) on both: 30 s of silence is alive, 90 s is not
+    (the socket used to say 5 s, the API 30 s)."""
+    assert doors.ctx.settings.agent_stale_seconds == 60
+    for door in (doors.socket, doors.http):
+        doors.reset()
+        with doors.ctx.db.transaction() as session:
+            heartbeat.beat(session, heartbeat.agent_name(doors.ctx.settings.gpu_host))
+            row = heartbeat.last(session, heartbeat.agent_name(doors.ctx.settings.gpu_host))
+            assert row is not None
+            row.at = utcnow() - timedelta(seconds=silent_for)
+        answer = door(ALICE, "allocations.request", GOOD["allocations.request"][1])["result"]
+        assert (answer["agent"], answer["access"]) == (agent, "pending")  # no agent applies it
