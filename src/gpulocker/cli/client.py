@@ -38,7 +38,7 @@ class ClientError(Exception):
 
 
 class Client(Protocol):
-    """Something that answers the operations of gpulocker.agent.localapi."""
+    """Something that answers the operations of gpulocker.operations, by name."""
 
     where: str
 
