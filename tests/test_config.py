@@ -71,6 +71,13 @@ def test_durations_accept_floats() -> None:
     )
 
 
+def test_agent_stale_seconds_is_one_setting_default_60() -> None:
+    assert load().agent_stale_seconds == 60.0
+    assert load(AGENT_STALE_SECONDS="15").agent_stale_seconds == 15.0
+    with pytest.raises(ConfigError, match="AGENT_STALE_SECONDS"):
+        load(AGENT_STALE_SECONDS="0")
+
+
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [

@@ -82,6 +82,7 @@ class Settings:
     exempt_users: tuple[str, ...] = ("root", "nvidia-persistenced")
     privileged_gpu_access: bool = False
     reconcile_seconds: float = 10.0
+    agent_stale_seconds: float = 60.0
     pam_service: str = "login"
     login_failure_floor_seconds: float = 3.0
     ssl_cert: str | None = None
@@ -300,6 +301,7 @@ KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "EXEMPT_USERS": ("exempt_users", _list),
     "PRIVILEGED_GPU_ACCESS": ("privileged_gpu_access", _bool),
     "RECONCILE_SECONDS": ("reconcile_seconds", _float(strictly_positive=True)),
+    "AGENT_STALE_SECONDS": ("agent_stale_seconds", _float(strictly_positive=True)),
     "PAM_SERVICE": ("pam_service", _str),
     "LOGIN_FAILURE_FLOOR_SECONDS": ("login_failure_floor_seconds", _float()),
     "SSL_CERT": ("ssl_cert", _optional_str),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from gpulocker.config import Settings
 from gpulocker.models import Heartbeat, utcnow
 
 
@@ -36,6 +38,17 @@ def age_seconds(session: Session, name: str, now: datetime | None = None) -> flo
     if row is None:
         return None
     return ((now or utcnow()) - row.at).total_seconds()
+
+
+def is_stale(age: float | None, settings: Settings) -> bool:
+    """Whether an agent silent for `age` seconds (None: never beat) counts as gone: the one
+    threshold, AGENT_STALE_SECONDS (SPEC section 10), used by every surface."""
+    return age is None or age > settings.agent_stale_seconds
+
+
+def agents_alive(session: Session, settings: Settings, hosts: Iterable[str]) -> bool:
+    """Whether the agent of every one of `hosts` beat within AGENT_STALE_SECONDS."""
+    return not any(is_stale(age_seconds(session, agent_name(h)), settings) for h in set(hosts))
 
 
 def agents(session: Session) -> list[Heartbeat]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from gpulocker import allocations, heartbeat
@@ -24,6 +25,8 @@ from gpulocker.agent import localapi
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.models import ACTIVE, RELEASED, Allocation, Event, utcnow
+from gpulocker.operations import OPERATIONS
+from gpulocker.operations.allocating import wait_for_access
 from tests.helpers import ADMIN, ALICE, BOB, CAROL, EACCES, TestUser, cuda, try_open_as, wait_for
 
 # A client that sends one request line and prints the answer line: runs as any user.
@@ -107,7 +110,8 @@ def test_it_grants_to_the_caller_and_nobody_else(
     )["result"]
     assert [a["user"] for a in answer["allocations"]] == [ALICE, ALICE]
     assert answer["cuda_visible_devices"] == cuda(0, 1)
-    assert answer["access_applied"] is False  # no agent runs in this test
+    assert answer["access"] == "pending"  # no agent runs in this test
+    assert answer["agent"] == "not running"
     with ctx.db.session() as s:
         rows = s.scalars(select(Allocation).where(Allocation.state == ACTIVE)).all()
     assert {(r.user, r.gpu_id) for r in rows} == {(ALICE, 0), (ALICE, 1)}
@@ -163,11 +167,12 @@ def test_it_keeps_admin_operations_for_admins(
     )["result"]["allocations"]
     assert granted[0]["user"] == BOB
     assert call_as(admin, socket_path, "maintenance.set_enabled", enabled=True)["result"] == {
-        "enabled": True
+        "enabled": True,
+        "message": "",
     }
     refused = call_as(bob, socket_path, "allocations.request", gpu_type="4090", count=1, hours=1)
     assert refused["error"]["code"] == "maintenance"
-    assert call_as(admin, socket_path, "allocations.reset")["result"] == {"ended": 2}
+    assert call_as(admin, socket_path, "allocations.reset")["result"] == {"count": 2}
     assert active_count(ctx) == 0
 
 
@@ -181,28 +186,27 @@ def test_it_refuses_bad_input_clearly_and_loses_nothing(
         "[1, 2]": 'a request is a JSON object: {"op": "...", "args": {...}}',
         '{"op": "allocations.drop_table"}': "unknown operation 'allocations.drop_table'",
         '{"op": "allocations.release", "args": []}': "args must be a JSON object",
-        '{"op": "allocations.release", "args": {}}': "id is required",
-        '{"op": "allocations.release", "args": {"id": "1"}}': "id must be a whole number",
-        '{"op": "allocations.extend", "args": {"id": 1, "hours": true}}': "hours must be a number",
-        '{"op": "allocations.release", "args": {"id": 1, "force": true}}': (
-            "unknown argument(s): force"
-        ),
+        '{"op": "allocations.release", "args": {}}': "id: Field required",
+        '{"op": "allocations.release", "args": {"id": "1"}}': "id: Input should be a valid integer",
+        '{"op": "allocations.extend", "args": {"id": 1, "hours": true}}': "hours: Input should be a valid number",
+        '{"op": "allocations.release", "args": {"id": 1, "force": true}}': "force: Extra inputs are not permitted",
         '{"op": "allocations.request", "args": {"gpu_type": "4090", "count": 1, "hours": -1}}': (
-            "hours must be more than 0"
+            "hours: Input should be greater than 0"
         ),
         '{"op": "allocations.request", "args": {"gpu_type": "h100", "count": 1, "hours": 1}}': (
             "unknown GPU type 'h100'"
         ),
         '{"op": "allocations.extend", "args": {"id": 1, "hours": 1e9}}': "hours must be at most",
-        '{"op": "allocations.get", "args": {"id": 99999999999999999999}}': "id must be a whole",
-        '{"op": "lockouts.lift", "args": {"user": "a\\u0000b"}}': "user must be a string",
+        '{"op": "lockouts.lift", "args": {"user": "a\\u0000b"}}': "user: must not contain NUL",
         json.dumps({"op": "lockouts.lift", "args": {"user": "u" * 256}}): (
-            "user must be at most 255 characters"
+            "user: String should have at most 32 characters"
         ),
         '{"op": "allocations.request", "args": {"gpu_type": "4090", "hours": NaN, "count": 1}}': (
-            "hours must be a number"
+            "hours: Input should be a finite number"
         ),
     }
+    huge = '{"op": "allocations.get", "args": {"id": 99999999999999999999}}'
+    assert raw_as(alice, socket_path, huge)["error"]["code"] == "not_found"  # as over HTTP
     for line, message in cases.items():
         answer = raw_as(alice, socket_path, line)
         assert set(answer) == {"error"}, line
@@ -283,8 +287,8 @@ def test_it_waits_for_a_live_agent_to_apply_access(ctx: Context, settings: Setti
     (row,) = allocations.request(ctx.db, settings, ALICE, "4090", 1, 1)
     with ctx.db.transaction() as s:
         allocations.mark_access_applied(s, row.id, utcnow())
-    answer = localapi.wait_for_access(ctx, [row.id], timeout=1)
-    assert answer[0]["access_applied_at"] is not None
+    answer = wait_for_access(ctx, [row.id], timeout=1)
+    assert answer[0].access_applied_at is not None
 
 
 def test_close_ends_open_connections(ctx: Context, socket_path: Path) -> None:
@@ -314,7 +318,7 @@ def test_the_agent_serves_the_socket_and_a_grant_waits_for_access(
         answer = call_as(
             users[ALICE], path, "allocations.request", gpu_type="4090", count=1, hours=1
         )["result"]
-        assert answer["access_applied"] is True
+        assert answer["access"] == "applied"
         device = answer["allocations"][0]["device"]
         assert try_open_as(users[ALICE], device) == 0
         assert try_open_as(users[BOB], device) == EACCES
@@ -351,8 +355,16 @@ def test_one_user_cannot_take_every_connection(
     wait_for(lambda: call_as(None, socket_path, "me", as_uid=0).get("result"), timeout=5)
 
 
-WRONG_VALUES: list[Any] = ["x", 7, 2.5, True, [], {}, [1, "2"], None]
-GOOD_VALUES: dict[str, Any] = {"str": "x", "int": 1, "number": 1, "bool": True, "int_list": [1]}
+WRONG_VALUES: list[Any] = ["x", "", "a" * 5000, 7, -1, 2**40, 2.5, True, [], {}, [1, "2"], None]
+GOOD_ARGS: dict[str, dict[str, Any]] = {
+    "allocations.request": {"gpu_type": "4090", "count": 1, "hours": 1},
+    "allocations.get": {"id": 1},
+    "allocations.extend": {"id": 1, "hours": 1},
+    "allocations.release": {"id": 1},
+    "lockouts.lift": {"user": "x"},
+    "maintenance.set_enabled": {"enabled": True},
+    "notify.admin_message": {"user": "x", "message": "m"},
+}
 
 
 def test_every_argument_of_every_operation_is_checked(ctx: Context) -> None:
@@ -360,19 +372,22 @@ def test_every_argument_of_every_operation_is_checked(ctx: Context) -> None:
     with ctx.db.session() as s:
         events_before = s.scalar(select(func.count()).select_from(Event))
     checked = 0
-    for op, spec in localapi.OPERATIONS.items():
-        for name, param in spec.params.items():
-            check, _ = localapi._KINDS[param.kind]
+    for op, spec in OPERATIONS.items():
+        good = GOOD_ARGS.get(op, {})
+        for name in spec.args.model_fields:
             for value in WRONG_VALUES:
-                if (value is None and param.default is not localapi.REQUIRED) or (
-                    value is not None and check(value)
-                ):
+                args = good | {name: value}
+                try:
+                    spec.args.model_validate(args)
                     continue  # an accepted value, not a wrong one
-                args = {n: GOOD_VALUES[p.kind] for n, p in spec.params.items()} | {name: value}
+                except ValidationError:
+                    pass
                 answer = localapi.handle(ctx, ADMIN, {"op": op, "args": args})
                 assert answer.get("error", {}).get("code") == "invalid", (op, name, value, answer)
-                assert answer["error"]["message"].startswith(f"{name} "), answer
+                assert answer["error"]["message"].startswith(name), answer
                 checked += 1
+        answer = localapi.handle(ctx, ADMIN, {"op": op, "args": good | {"bogus": 1}})
+        assert answer["error"]["code"] == "invalid", (op, answer)
     assert checked > 60
     with ctx.db.session() as s:
         assert s.scalar(select(func.count()).select_from(Event)) == events_before
@@ -383,8 +398,8 @@ def test_every_argument_of_every_operation_is_checked(ctx: Context) -> None:
 def test_no_well_typed_request_is_an_internal_error(ctx: Context) -> None:
     allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 1)
     for actor in (ALICE, ADMIN):
-        for op, spec in localapi.OPERATIONS.items():
-            args = {n: GOOD_VALUES[p.kind] for n, p in spec.params.items()}
+        for op in OPERATIONS:
+            args = GOOD_ARGS.get(op, {})
             answer = localapi.handle(ctx, actor, {"op": op, "args": args})
             assert "result" in answer or answer["error"]["code"] not in (
                 "internal",

@@ -23,8 +23,8 @@ from werkzeug.serving import make_server
 
 from gpulocker import allocations, live, lockouts
 from gpulocker.agent import localapi
-from gpulocker.cli.commands import duration, staleness_note, time_left
 from gpulocker.cli.main import main
+from gpulocker.cli.render import duration, staleness_note, time_left
 from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
 from gpulocker.gpus.simulated import SimulatedBackend, write_load

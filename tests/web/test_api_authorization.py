@@ -15,12 +15,19 @@ from flask.testing import FlaskClient
 
 from gpulocker import allocations, tokens
 from gpulocker.context import Context
-from gpulocker.web import api, health
+from gpulocker.web import api, health, records_api
 from gpulocker.web.openapi import OPERATIONS
 from tests.helpers import ALICE, BOB
 from tests.web.api_fixtures import Headers, app, bearer, client
 
-__all__ = ["api", "app", "bearer", "client", "health"]  # the modules declare the endpoints
+__all__ = [
+    "api",
+    "app",
+    "bearer",
+    "client",
+    "health",
+    "records_api",
+]  # the modules declare the endpoints
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ BOB_TRIES: dict[str, Try] = {
     "get_allocation": Try("GET", "/api/v1/allocations/{alloc}", 404),
     "extend_allocation": Try("POST", "/api/v1/allocations/{alloc}/extend", 404, {"hours": 1}),
     "release_allocation": Try("DELETE", "/api/v1/allocations/{alloc}", 404),
+    "release_all_allocations": Try("POST", "/api/v1/allocations/release", 403, {"user": ALICE}),
     "list_events": Try("GET", f"/api/v1/events?user={ALICE}", 403),
     "list_notifications": Try("GET", "/api/v1/notifications", 200),
     "read_notification": Try("POST", "/api/v1/notifications/{note}/read", 404),

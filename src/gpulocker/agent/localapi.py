@@ -8,7 +8,8 @@ same as on the web: the caller's Linux user name, admins being PRIVILEGED_USERS.
 Protocol: JSON lines. Each request is one line `{"op": "allocations.request", "args":
 {...}}`; each answer is one line, `{"result": {...}}` or `{"error": {"code", "message"}}`
 (the codes of gpulocker.errors). A connection may carry any number of requests, one
-at a time. Every operation maps onto one call of the core.
+at a time. The operations are those of gpulocker.operations, by name: the same
+validation and the same answers as the HTTP API.
 """
 
 from __future__ import annotations
@@ -23,20 +24,17 @@ import socket
 import stat
 import struct
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from gpulocker import allocations, gpustatus, heartbeat, lockouts, maintenance
+from gpulocker import operations
 from gpulocker.agent.admission import Admission
 from gpulocker.context import Context
 from gpulocker.errors import Forbidden, GPULockerError, Invalid
-from gpulocker.models import Allocation
-from gpulocker.notify import admin_message
+from gpulocker.operations import OPERATIONS
 from gpulocker.untrusted import parse_json
 
 log = logging.getLogger(__name__)
@@ -44,85 +42,6 @@ log = logging.getLogger(__name__)
 MAX_LINE = 64 * 1024  # bytes in one request; a longer line is refused and the connection closed
 FIRST_REQUEST_TIMEOUT = 10.0  # seconds a new connection may take to send its first request
 IDLE_TIMEOUT = 300.0  # seconds a connection may wait between requests
-ACCESS_WAIT_SECONDS = 2.0  # how long a request waits for the agent to grant access on the files
-
-REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Param:
-    """One argument of an operation: its JSON kind, its default (REQUIRED if none) and,
-    for strings, the longest accepted (names fit their 255-character columns)."""
-
-    kind: str
-    default: Any = REQUIRED
-    max_length: int = 255
-
-
-INT_LIMIT = 2**31  # ids and counts fit the database's integer columns
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and -INT_LIMIT < value < INT_LIMIT
-
-
-_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    # No NUL characters: PostgreSQL text cannot hold them.
-    "str": (lambda v: isinstance(v, str) and "\x00" not in v, "a string without NUL characters"),
-    "int": (_is_int, "a whole number"),
-    "number": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "int_list": (
-        lambda v: isinstance(v, list) and all(_is_int(i) for i in v),
-        "a list of whole numbers",
-    ),
-}
-
-Operation = Callable[..., dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Spec:
-    """An operation and the arguments it takes."""
-
-    func: Operation
-    params: dict[str, Param]
-
-
-OPERATIONS: dict[str, Spec] = {}
-
-
-def operation(name: str, **params: Param) -> Callable[[Operation], Operation]:
-    """Register `func(ctx, actor, **args)` as operation `name`, taking `params`."""
-
-    def register(func: Operation) -> Operation:
-        OPERATIONS[name] = Spec(func, params)
-        return func
-
-    return register
-
-
-def parse_args(params: dict[str, Param], args: Any) -> dict[str, Any]:
-    """Check every argument before anything is done, so a bad request changes nothing."""
-    if not isinstance(args, dict):
-        raise Invalid("args must be a JSON object")
-    unknown = sorted(set(args) - set(params))
-    if unknown:
-        raise Invalid(f"unknown argument(s): {', '.join(unknown)}")
-    values: dict[str, Any] = {}
-    for name, param in params.items():
-        if name not in args or (args[name] is None and param.default is None):
-            if param.default is REQUIRED:
-                raise Invalid(f"{name} is required")
-            values[name] = param.default
-            continue
-        check, expected = _KINDS[param.kind]
-        if not check(args[name]):
-            raise Invalid(f"{name} must be {expected}")
-        if param.kind == "str" and len(args[name]) > param.max_length:
-            raise Invalid(f"{name} must be at most {param.max_length} characters")
-        values[name] = args[name]
-    return values
 
 
 def handle(ctx: Context, actor: str | None, request: Any) -> dict[str, Any]:
@@ -130,13 +49,14 @@ def handle(ctx: Context, actor: str | None, request: Any) -> dict[str, Any]:
     try:
         if not isinstance(request, dict) or not isinstance(request.get("op"), str):
             raise Invalid('a request is a JSON object: {"op": "...", "args": {...}}')
-        spec = OPERATIONS.get(request["op"])
-        if spec is None:
+        if request["op"] not in OPERATIONS:
             raise Invalid(f"unknown operation {request['op']!r} (known: {', '.join(OPERATIONS)})")
-        values = parse_args(spec.params, request.get("args", {}))
+        args = request.get("args", {})
+        if not isinstance(args, dict):
+            raise Invalid("args must be a JSON object")
         if actor is None:
             raise Forbidden("your uid has no user name on this host")
-        return {"result": spec.func(ctx, actor, **values)}
+        return {"result": operations.run(ctx, actor, request["op"], args)}
     except GPULockerError as exc:
         return error(exc.code, exc.message)
     except OperationalError:
@@ -150,152 +70,6 @@ def handle(ctx: Context, actor: str | None, request: Any) -> dict[str, Any]:
 def error(code: str, message: str) -> dict[str, Any]:
     """The error shape shared with the HTTP API."""
     return {"error": {"code": code, "message": message}}
-
-
-# --- operations: each one call of the core ------------------------------------------------
-
-
-def _allocation_list(rows: list[Allocation]) -> list[dict[str, Any]]:
-    return [r.to_dict() for r in rows]
-
-
-@operation("me")
-def _me(ctx: Context, actor: str) -> dict[str, Any]:
-    with ctx.db.session() as session:
-        lockout = lockouts.active(session, actor)
-    return {
-        "username": actor,
-        "is_admin": ctx.settings.is_admin(actor),
-        "locked_until": lockout.until.isoformat() if lockout else None,
-    }
-
-
-@operation("status")
-def _status(ctx: Context, actor: str) -> dict[str, Any]:
-    return gpustatus.snapshot(ctx, with_users=True)
-
-
-@operation(
-    "allocations.request",
-    gpu_type=Param("str"),
-    count=Param("int", None),
-    hours=Param("number"),
-    gpu_ids=Param("int_list", None),
-    user=Param("str", None),
-)
-def _request(
-    ctx: Context,
-    actor: str,
-    gpu_type: str,
-    count: int | None,
-    hours: float,
-    gpu_ids: list[int] | None,
-    user: str | None,
-) -> dict[str, Any]:
-    rows = allocations.request(
-        ctx.db, ctx.settings, actor, gpu_type, count, hours, gpu_ids=gpu_ids, user=user
-    )
-    applied = wait_for_access(ctx, [r.id for r in rows])
-    return {
-        "allocations": applied,
-        "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
-        "access_applied": all(a["access_applied_at"] for a in applied),
-    }
-
-
-@operation(
-    "allocations.list_for",
-    all=Param("bool", False),
-    state=Param("str", "active"),
-)
-def _list_for(ctx: Context, actor: str, all: bool, state: str) -> dict[str, Any]:
-    wanted = None if state == "any" else state
-    with ctx.db.session() as session:
-        rows = allocations.list_for(session, ctx.settings, actor, all_users=all, state=wanted)
-        return {"allocations": _allocation_list(rows)}
-
-
-@operation("allocations.get", id=Param("int"))
-def _get(ctx: Context, actor: str, id: int) -> dict[str, Any]:
-    with ctx.db.session() as session:
-        return {"allocation": allocations.get(session, ctx.settings, actor, id).to_dict()}
-
-
-@operation("allocations.extend", id=Param("int"), hours=Param("number"))
-def _extend(ctx: Context, actor: str, id: int, hours: float) -> dict[str, Any]:
-    row = allocations.extend(ctx.db, ctx.settings, actor, id, hours)
-    return {"allocation": row.to_dict()}
-
-
-@operation("allocations.release", id=Param("int"))
-def _release(ctx: Context, actor: str, id: int) -> dict[str, Any]:
-    return {"allocation": allocations.release(ctx.db, ctx.settings, actor, id).to_dict()}
-
-
-@operation("allocations.release_all", user=Param("str", None))
-def _release_all(ctx: Context, actor: str, user: str | None) -> dict[str, Any]:
-    return {"released": allocations.release_all(ctx.db, ctx.settings, actor, user)}
-
-
-@operation("allocations.reset")
-def _reset(ctx: Context, actor: str) -> dict[str, Any]:
-    return {"ended": allocations.reset(ctx.db, ctx.settings, actor)}
-
-
-@operation("lockouts.all_active")
-def _lockouts(ctx: Context, actor: str) -> dict[str, Any]:
-    if not ctx.settings.is_admin(actor):
-        raise Forbidden("only admins can list every lockout")
-    with ctx.db.session() as session:
-        return {"lockouts": [row.to_dict() for row in lockouts.all_active(session)]}
-
-
-@operation("lockouts.lift", user=Param("str"))
-def _lift(ctx: Context, actor: str, user: str) -> dict[str, Any]:
-    return {"lifted": lockouts.lift(ctx.db, ctx.settings, actor, user)}
-
-
-@operation(
-    "maintenance.set_enabled", enabled=Param("bool"), message=Param("str", "", max_length=1000)
-)
-def _maintenance(ctx: Context, actor: str, enabled: bool, message: str) -> dict[str, Any]:
-    maintenance.set_enabled(ctx.db, ctx.settings, actor, enabled, message)
-    return {"enabled": enabled}
-
-
-@operation("notify.admin_message", user=Param("str"), message=Param("str", max_length=4000))
-def _notify(ctx: Context, actor: str, user: str, message: str) -> dict[str, Any]:
-    admin_message(ctx.db, ctx.settings, actor, user, message)
-    return {"sent": True}
-
-
-def wait_for_access(
-    ctx: Context, ids: list[int], timeout: float = ACCESS_WAIT_SECONDS
-) -> list[dict[str, Any]]:
-    """The allocations once the agent has granted access on their files (at most `timeout`).
-
-    Waits only while an agent of their host is alive (recent heartbeat): without one,
-    nothing would change and the answer says access is not applied yet.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        with ctx.db.session() as session:
-            rows = [session.get(Allocation, i) for i in ids]
-            found = [r for r in rows if r is not None]
-            pending = [r for r in found if r.access_applied_at is None]
-            if not pending or time.monotonic() >= deadline or not _agents_alive(ctx, pending):
-                return _allocation_list(found)
-        time.sleep(0.05)
-
-
-def _agents_alive(ctx: Context, rows: list[Allocation]) -> bool:
-    limit = max(5.0, 3 * ctx.settings.reconcile_seconds)
-    with ctx.db.session() as session:
-        for host in {r.host for r in rows}:
-            age = heartbeat.age_seconds(session, heartbeat.agent_name(host))
-            if age is None or age > limit:
-                return False
-    return True
 
 
 # --- the server --------------------------------------------------------------------------

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 ROOT_SOCKET = Path("/run/gpulocker/gpulocker.sock")
 TIMEOUT = 30.0  # seconds; a request waits at most ~2 s for the agent, the rest is slack
-HTTP_STATES = ("active", "released", "expired", "revoked")
 
 
 class ClientError(Exception):
@@ -39,7 +38,7 @@ class ClientError(Exception):
 
 
 class Client(Protocol):
-    """Something that answers the operations of gpulocker.agent.localapi."""
+    """Something that answers the operations of gpulocker.operations, by name."""
 
     where: str
 
@@ -211,107 +210,52 @@ class HttpClient:
         self.timeout = timeout
         self.where = self.server
 
-    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        return http_json(method, self.server + path, body, self.token, self.timeout)
-
     def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Map the operation onto its endpoint."""
-        handler = getattr(self, "_op_" + op.replace(".", "_"), None)
-        if handler is None:
-            raise ClientError("invalid", f"{op} is not available over HTTP")
-        return dict(handler(**args))
-
-    def _op_me(self) -> Any:
-        return self._json("GET", "/api/v1/me")
-
-    def _op_status(self) -> Any:
-        return normalize_status(self._json("GET", "/api/gpu_status"))
-
-    def _op_allocations_request(self, **args: Any) -> Any:
-        body = {k: v for k, v in args.items() if v is not None}
-        answer = self._json("POST", "/api/v1/allocations", body)
-        rows = _allocations(answer)
-        cuda = answer.get("cuda_visible_devices") if isinstance(answer, dict) else None
-        if not isinstance(cuda, str):  # an older server: indices, as it named them
-            cuda = ",".join(str(r["gpu_id"]) for r in sorted(rows, key=lambda r: r["gpu_id"]))
-        return {
-            "allocations": rows,
-            "cuda_visible_devices": cuda,
-            "access_applied": all(r.get("access_applied_at") for r in rows),
-        }
-
-    def _op_allocations_list_for(self, all: bool = False, state: str = "active") -> Any:
-        states = HTTP_STATES if state == "any" else (state,)
-        rows: list[dict[str, Any]] = []
-        for one in states:  # the API filters by one state at a time
-            query = {"state": one, **({"all": "1"} if all else {})}
-            path = "/api/v1/allocations?" + urllib.parse.urlencode(query)
-            rows += _allocations(self._json("GET", path))
-        return {"allocations": sorted(rows, key=lambda r: -int(r["id"]))}
-
-    def _op_allocations_get(self, id: int) -> Any:
-        return {"allocation": _allocation(self._json("GET", f"/api/v1/allocations/{id}"))}
-
-    def _op_allocations_extend(self, id: int, hours: float) -> Any:
-        answer = self._json("POST", f"/api/v1/allocations/{id}/extend", {"hours": hours})
-        return {"allocation": _allocation(answer)}
-
-    def _op_allocations_release(self, id: int) -> Any:
-        return {"allocation": _allocation(self._json("DELETE", f"/api/v1/allocations/{id}"))}
-
-    def _op_allocations_release_all(self, user: str | None = None) -> Any:
-        mine = self._op_allocations_list_for(all=user is not None)["allocations"]
-        me = user or self._op_me().get("username")
-        released = 0
-        for row in mine:
-            if row.get("user") == me:
-                self._op_allocations_release(int(row["id"]))
-                released += 1
-        return {"released": released}
-
-    def _op_allocations_reset(self) -> Any:
-        answer = self._json("POST", "/api/v1/admin/reset", {})
-        return {"ended": answer.get("count", 0)}
-
-    def _op_lockouts_all_active(self) -> Any:
-        answer = self._json("GET", "/api/v1/admin/lockouts")
-        return {"lockouts": answer.get("lockouts", []) if isinstance(answer, dict) else answer}
-
-    def _op_lockouts_lift(self, user: str) -> Any:
-        answer = self._json("DELETE", f"/api/v1/admin/lockouts/{urllib.parse.quote(user)}")
-        return {"lifted": answer.get("count", 1)}
-
-    def _op_maintenance_set_enabled(self, enabled: bool, message: str = "") -> Any:
-        body = {"enabled": enabled, "message": message}
-        answer = self._json("POST", "/api/v1/admin/maintenance", body)
-        return {"enabled": answer.get("enabled", enabled)}
-
-    def _op_notify_admin_message(self, user: str, message: str) -> Any:
-        self._json("POST", "/api/v1/admin/notify", {"user": user, "message": message})
-        return {"sent": True}
-
-
-def _allocations(answer: Any) -> list[dict[str, Any]]:
-    rows = answer.get("allocations", []) if isinstance(answer, dict) else answer
-    if not isinstance(rows, list):
-        raise ClientError("protocol", "the server's answer has no list of allocations")
-    return rows
-
-
-def _allocation(answer: Any) -> dict[str, Any]:
-    if isinstance(answer, dict) and isinstance(answer.get("allocation"), dict):
-        return dict(answer["allocation"])
-    if isinstance(answer, dict) and "id" in answer:
+        """Send operation `op` to its endpoint (ROUTES): one request per operation."""
+        method, path, body = http_request_for(op, args)
+        answer = http_json(method, self.server + path, body, self.token, self.timeout)
+        if not isinstance(answer, dict):
+            raise ClientError("protocol", f"{self.server} sent an answer that is not an object")
         return answer
-    raise ClientError("protocol", "the server's answer holds no allocation")
 
 
-def normalize_status(answer: Any) -> dict[str, Any]:
-    """/api/gpu_status is built by the same function as the socket's `status`
-    (gpulocker.gpustatus.snapshot); check that it looks like it."""
-    if not isinstance(answer, dict) or not isinstance(answer.get("gpus"), list):
-        raise ClientError("protocol", "the server's GPU status has no list of GPUs")
-    return answer
+# operation -> (method, path, arguments that go in the path); the others go in the body
+# (POST) or the query string (GET). The answers are the operations' own shapes
+# (gpulocker.operations), so nothing is translated.
+ROUTES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "me": ("GET", "/api/v1/me", ()),
+    "status": ("GET", "/api/v1/gpus", ()),
+    "allocations.request": ("POST", "/api/v1/allocations", ()),
+    "allocations.list_for": ("GET", "/api/v1/allocations", ()),
+    "allocations.get": ("GET", "/api/v1/allocations/{id}", ("id",)),
+    "allocations.extend": ("POST", "/api/v1/allocations/{id}/extend", ("id",)),
+    "allocations.release": ("DELETE", "/api/v1/allocations/{id}", ("id",)),
+    "allocations.release_all": ("POST", "/api/v1/allocations/release", ()),
+    "allocations.reset": ("POST", "/api/v1/admin/reset", ()),
+    "lockouts.all_active": ("GET", "/api/v1/admin/lockouts", ()),
+    "lockouts.lift": ("DELETE", "/api/v1/admin/lockouts/{user}", ("user",)),
+    "maintenance.set_enabled": ("POST", "/api/v1/admin/maintenance", ()),
+    "notify.admin_message": ("POST", "/api/v1/admin/notify", ()),
+}
+
+
+def http_request_for(op: str, args: dict[str, Any]) -> tuple[str, str, dict[str, Any] | None]:
+    """(method, path with query string, JSON body) of operation `op` with `args` over HTTP."""
+    route = ROUTES.get(op)
+    if route is None:
+        raise ClientError("invalid", f"{op} is not available over HTTP")
+    method, template, in_path = route
+    path = template.format(**{k: urllib.parse.quote(str(args.get(k)), safe="") for k in in_path})
+    rest = {k: v for k, v in args.items() if k not in in_path and v is not None}
+    if method == "GET":
+        if rest:
+            path += "?" + urllib.parse.urlencode({k: _query_value(v) for k, v in rest.items()})
+        return method, path, None
+    return method, path, rest if method == "POST" else None
+
+
+def _query_value(value: Any) -> Any:
+    return ("1" if value else "0") if isinstance(value, bool) else value
 
 
 def socket_candidates() -> list[Path]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from gpulocker.cli.admin import admin
 from gpulocker.cli.commands import register as register_client_commands
 from gpulocker.config import ConfigError, Settings, load_settings, simulated_gpu_config
 from gpulocker.errors import GPULockerError
@@ -56,7 +57,8 @@ def main() -> None:
     """GPULocker: fair, enforced sharing of a server's GPUs."""
 
 
-register_client_commands(main)  # status, request, list, release, extend, admin, login
+register_client_commands(main)  # status, request, list, release, extend, whoami, login
+main.add_command(admin)
 
 
 @main.group()

@@ -1,6 +1,7 @@
 """The JSON API (SPEC section 7): thin views over the core.
 
-Each view parses (through `endpoint`), calls the core, and returns a dict; the core's
+Each view parses (through `endpoint`), runs one operation of gpulocker.operations (the
+same use cases the local socket serves) or a read of the core, and returns a dict; the core's
 refusals become 4xx answers in `gpulocker.web.errors`. A user only ever sees their own
 allocations, tokens and notifications: the core functions take the actor and refuse
 (NotFound) anything that is not theirs, unless the actor is an admin.
@@ -8,30 +9,21 @@ allocations, tokens and notifications: the core functions take the actor and ref
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from flask import Blueprint, Response, current_app
-from sqlalchemy import select
 
 from gpulocker import (
-    allocations,
     auth,
-    events,
-    heartbeat,
     history,
-    inbox,
     inventory,
-    lockouts,
-    maintenance,
+    operations,
     tokens,
 )
-from gpulocker.errors import Forbidden, Invalid, NotFound
-from gpulocker.models import Allocation, Gpu
-from gpulocker.notify import admin_message
-from gpulocker.web import schemas as s
+from gpulocker import schemas as s
+from gpulocker.errors import NotFound
+from gpulocker.models import Gpu
 from gpulocker.web.errors import Unauthorized
 from gpulocker.web.openapi import document, endpoint
 from gpulocker.web.session import (
@@ -39,14 +31,15 @@ from gpulocker.web.session import (
     current_user,
     forget_tokens,
     get_ctx,
-    is_admin,
 )
 from gpulocker.web.status_cache import STATUS_CACHE, StatusCache
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
-ACCESS_WAIT_SECONDS = 2.0
-AGENT_ALIVE_SECONDS = 30.0
+
+def _run(name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Operation `name` of gpulocker.operations as the signed-in user."""
+    return operations.run(get_ctx(), me(), name, args or {})
 
 
 def me() -> str:
@@ -157,15 +150,7 @@ def revoke_token(token_id: int) -> dict[str, Any]:
 
 @endpoint(bp, "GET", "/v1/me", response=s.Me, summary="Who you are")
 def who_am_i() -> dict[str, Any]:
-    ctx = get_ctx()
-    user = me()
-    with ctx.db.session() as session:
-        lockout = lockouts.active(session, user)
-    return {
-        "username": user,
-        "is_admin": ctx.settings.is_admin(user),
-        "locked_until": lockout.until.isoformat() if lockout else None,
-    }
+    return _run("me")
 
 
 # --- allocations ------------------------------------------------------------------------
@@ -180,12 +165,7 @@ def who_am_i() -> dict[str, Any]:
     summary="Your allocations (admins with all=1: everyone's); active ones unless `state`",
 )
 def list_allocations(query: s.AllocationQuery) -> dict[str, Any]:
-    ctx = get_ctx()
-    with ctx.db.session() as session:
-        rows = allocations.list_for(
-            session, ctx.settings, me(), all_users=query.all, state=query.state or "active"
-        )
-    return {"allocations": [r.to_dict() for r in rows]}
+    return _run("allocations.list_for", {"all": query.all, "state": query.state or "active"})
 
 
 @endpoint(
@@ -200,44 +180,19 @@ def list_allocations(query: s.AllocationQuery) -> dict[str, Any]:
     "files let you in (at most ~2 s) when the agent runs.",
 )
 def request_allocation(body: s.AllocationRequest) -> dict[str, Any]:
-    ctx = get_ctx()
-    rows = allocations.request(
-        ctx.db, ctx.settings, me(), body.gpu_type, body.count, body.hours, body.gpu_ids, body.user
-    )
-    ids = [r.id for r in rows]
-    agent_alive = _agents_alive([r.host for r in rows])
-    if agent_alive:
-        rows = _wait_for_access(ids, ACCESS_WAIT_SECONDS)
-    applied = all(r.access_applied_at is not None for r in rows)
-    return {
-        "allocations": [r.to_dict() for r in rows],
-        "cuda_visible_devices": allocations.cuda_visible_devices(get_ctx().db, rows),
-        "access": "applied" if applied else "pending",
-        "agent": "running" if agent_alive else "not running",
-    }
+    return _run("allocations.request", body.model_dump())
 
 
-def _agents_alive(hosts: list[str]) -> bool:
-    """Whether the agent of every host beat recently (else waiting would be pointless)."""
-    ctx = get_ctx()
-    limit = max(AGENT_ALIVE_SECONDS, 3 * ctx.settings.reconcile_seconds)
-    with ctx.db.session() as session:
-        for host in set(hosts):
-            age = heartbeat.age_seconds(session, heartbeat.agent_name(host))
-            if age is None or age > limit:
-                return False
-    return True
-
-
-def _wait_for_access(ids: list[int], timeout: float) -> list[Allocation]:
-    """The allocations, re-read until the agent marked access applied or `timeout` passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with get_ctx().db.session() as session:
-            rows = list(session.scalars(select(Allocation).where(Allocation.id.in_(ids))))
-        if all(r.access_applied_at for r in rows) or time.monotonic() >= deadline:
-            return sorted(rows, key=lambda r: r.gpu_id)
-        time.sleep(0.05)
+@endpoint(
+    bp,
+    "POST",
+    "/v1/allocations/release",
+    body=s.ReleaseAllRequest,
+    response=s.Released,
+    summary="Release every active allocation of yours (admins: of `user`) at once",
+)
+def release_all_allocations(body: s.ReleaseAllRequest) -> dict[str, Any]:
+    return _run("allocations.release_all", body.model_dump())
 
 
 @endpoint(
@@ -248,10 +203,7 @@ def _wait_for_access(ids: list[int], timeout: float) -> list[Allocation]:
     summary="One allocation (yours; admins: any)",
 )
 def get_allocation(allocation_id: int) -> dict[str, Any]:
-    ctx = get_ctx()
-    with ctx.db.session() as session:
-        row = allocations.get(session, ctx.settings, me(), allocation_id)
-    return {"allocation": row.to_dict()}
+    return _run("allocations.get", {"id": allocation_id})
 
 
 @endpoint(
@@ -264,9 +216,7 @@ def get_allocation(allocation_id: int) -> dict[str, Any]:
     summary="Extend an active allocation by `hours`",
 )
 def extend_allocation(allocation_id: int, body: s.ExtendRequest) -> dict[str, Any]:
-    ctx = get_ctx()
-    row = allocations.extend(ctx.db, ctx.settings, me(), allocation_id, body.hours)
-    return {"allocation": row.to_dict()}
+    return _run("allocations.extend", {"id": allocation_id, **body.model_dump()})
 
 
 @endpoint(
@@ -278,100 +228,7 @@ def extend_allocation(allocation_id: int, body: s.ExtendRequest) -> dict[str, An
     summary="Release an allocation now; the agent revokes access",
 )
 def release_allocation(allocation_id: int) -> dict[str, Any]:
-    ctx = get_ctx()
-    row = allocations.release(ctx.db, ctx.settings, me(), allocation_id)
-    return {"allocation": row.to_dict()}
-
-
-# --- audit log and inbox ----------------------------------------------------------------
-
-
-@endpoint(
-    bp,
-    "GET",
-    "/v1/events",
-    query=s.EventQuery,
-    response=s.EventList,
-    summary="The audit log, newest first (yours; admins: everyone's). Page with before_id.",
-)
-def list_events(query: s.EventQuery) -> dict[str, Any]:
-    ctx = get_ctx()
-    user = me() if not is_admin() else query.user
-    if query.user and query.user != me() and not is_admin():
-        raise Forbidden("only admins can see other users' events")
-    with ctx.db.session() as session:
-        rows = events.query(
-            session,
-            user=user,
-            kind=query.kind,
-            gpu_id=query.gpu_id,
-            host=query.host,
-            since=_utc(query.since),
-            until=_utc(query.until),
-            before_id=query.before_id,
-            limit=query.limit,
-        )
-    more = len(rows) == query.limit
-    return {"events": [r.to_dict() for r in rows], "next_before_id": rows[-1].id if more else None}
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    """A time from the query string as aware UTC (a time without an offset is UTC)."""
-    if value is None:
-        return None
-    try:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    except OverflowError:
-        raise Invalid(f"{value.isoformat()} is out of range once converted to UTC") from None
-
-
-@endpoint(
-    bp,
-    "GET",
-    "/v1/notifications",
-    query=s.NotificationQuery,
-    response=s.NotificationList,
-    summary="Your inbox, newest first, and how many are unread",
-)
-def list_notifications(query: s.NotificationQuery) -> dict[str, Any]:
-    with get_ctx().db.session() as session:
-        rows = inbox.list_for(session, me(), query.unread, query.limit)
-        unread = inbox.unread_count(session, me())
-    return {"notifications": [r.to_dict() for r in rows], "unread": unread}
-
-
-@endpoint(
-    bp,
-    "POST",
-    "/v1/notifications/<int:notification_id>/read",
-    response=s.NotificationOne,
-    summary="Mark one of your notifications read",
-)
-def read_notification(notification_id: int) -> dict[str, Any]:
-    row = inbox.mark_read(get_ctx().db, me(), notification_id)
-    return {"notification": row.to_dict()}
-
-
-# --- disk -------------------------------------------------------------------------------
-
-
-@endpoint(
-    bp,
-    "GET",
-    "/v1/disk",
-    query=s.DiskQuery,
-    response=s.DiskReport,
-    summary="Your disk usage (home directory, filesystem); admins with all=1: every user's",
-)
-def disk_usage(query: s.DiskQuery) -> dict[str, Any]:
-    from gpulocker import disk
-
-    ctx = get_ctx()
-    if query.all:
-        if not is_admin():
-            raise Forbidden("only admins can see every user's disk usage")
-        return {"usage": None, "users": disk.usage_all(ctx)}
-    return {"usage": disk.usage_for(ctx, me()), "users": None}
+    return _run("allocations.release", {"id": allocation_id})
 
 
 # --- admin ------------------------------------------------------------------------------
@@ -386,8 +243,7 @@ def disk_usage(query: s.DiskQuery) -> dict[str, Any]:
     summary="Release every allocation and restore the access baseline",
 )
 def admin_reset() -> dict[str, Any]:
-    ctx = get_ctx()
-    return {"count": allocations.reset(ctx.db, ctx.settings, me())}
+    return _run("allocations.reset")
 
 
 @endpoint(
@@ -400,9 +256,7 @@ def admin_reset() -> dict[str, Any]:
     summary="Switch maintenance mode (non-admins cannot allocate)",
 )
 def admin_maintenance(body: s.MaintenanceRequest) -> dict[str, Any]:
-    ctx = get_ctx()
-    maintenance.set_enabled(ctx.db, ctx.settings, me(), body.enabled, body.message)
-    return {"enabled": body.enabled, "message": body.message}
+    return _run("maintenance.set_enabled", body.model_dump())
 
 
 @endpoint(
@@ -415,9 +269,7 @@ def admin_maintenance(body: s.MaintenanceRequest) -> dict[str, Any]:
     summary="Send a message to a user (inbox and their channels)",
 )
 def admin_notify(body: s.NotifyRequest) -> dict[str, Any]:
-    ctx = get_ctx()
-    admin_message(ctx.db, ctx.settings, me(), body.user, body.message)
-    return {"ok": True}
+    return _run("notify.admin_message", body.model_dump())
 
 
 @endpoint(
@@ -429,9 +281,7 @@ def admin_notify(body: s.NotifyRequest) -> dict[str, Any]:
     summary="Every lockout in force",
 )
 def admin_lockouts() -> dict[str, Any]:
-    with get_ctx().db.session() as session:
-        rows = lockouts.all_active(session)
-    return {"lockouts": [r.to_dict() for r in rows]}
+    return _run("lockouts.all_active")
 
 
 @endpoint(
@@ -443,8 +293,7 @@ def admin_lockouts() -> dict[str, Any]:
     summary="Lift a user's lockout now",
 )
 def admin_lift_lockout(user: str) -> dict[str, Any]:
-    ctx = get_ctx()
-    return {"count": lockouts.lift(ctx.db, ctx.settings, me(), user)}
+    return _run("lockouts.lift", {"user": user})
 
 
 # --- the description --------------------------------------------------------------------

@@ -18,7 +18,7 @@ from gpulocker.errors import (
     NotEnoughGPUs,
     NotFound,
 )
-from gpulocker.web.schemas import MAX_ID
+from gpulocker.schemas import MAX_ID
 from gpulocker.web.session import current_user
 
 Page = str | BaseResponse | tuple[str, int]

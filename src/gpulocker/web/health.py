@@ -9,22 +9,42 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from typing import Any
+from typing import Any, Literal
 
 from flask import Blueprint, Flask, Response, current_app
 from sqlalchemy import func, select, text
 
 from gpulocker import heartbeat
+from gpulocker import schemas as s
 from gpulocker.models import STATES, Allocation, Gpu, utcnow
 from gpulocker.notify import outbox
-from gpulocker.web import schemas as s
 from gpulocker.web.errors import STATUS
 from gpulocker.web.openapi import endpoint
 from gpulocker.web.session import get_ctx
 
 bp = Blueprint("health", __name__)
 
-AGENT_STALE_SECONDS = 60.0
+
+class HealthCheck(s.Out):
+    ok: bool
+    detail: str | None = None
+    age_seconds: float | None = None
+
+
+class OutboxHealth(s.Out):
+    pending: int
+    failed: int
+    oldest_pending_seconds: float
+
+
+class Health(s.Out):
+    status: Literal["ok", "degraded", "failing"]
+    database: HealthCheck
+    redis: HealthCheck | None
+    agents: dict[str, HealthCheck]
+    notifications: OutboxHealth | None = None
+
+
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 REFUSALS = tuple(sorted(set(STATUS) | {"other"}))
 log = logging.getLogger(__name__)
@@ -70,7 +90,7 @@ def install_request_counter(app: Flask) -> None:
     "GET",
     "/healthz",
     auth="public",
-    response=s.Health,
+    response=Health,
     errors=(503,),
     summary="Health: database, Redis (if configured), agent heartbeat age",
 )
@@ -93,10 +113,11 @@ def health_report() -> dict[str, Any]:
         with ctx.db.session() as session:
             for row in heartbeat.agents(session):
                 age = (utcnow() - row.at).total_seconds()
+                stale = heartbeat.is_stale(age, ctx.settings)
                 agents[row.name.split(":", 1)[1]] = {
-                    "ok": age <= AGENT_STALE_SECONDS,
+                    "ok": not stale,
                     "age_seconds": round(age, 3),
-                    "detail": None if age <= AGENT_STALE_SECONDS else "no heartbeat lately",
+                    "detail": "no heartbeat lately" if stale else None,
                 }
     notifications = outbox.stats(ctx.db) if database["ok"] else None
     failing = not database["ok"] or (redis is not None and not redis["ok"])

@@ -16,12 +16,13 @@ from functools import wraps
 from typing import Any, TypeVar
 
 from flask import Blueprint, Response, jsonify, request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from gpulocker import schemas
 from gpulocker.errors import Forbidden, Invalid, NotFound
 from gpulocker.untrusted import parse_json
-from gpulocker.web import schemas, session
+from gpulocker.web import session
 from gpulocker.web.errors import Unauthorized
 
 M = TypeVar("M", bound=BaseModel)
@@ -158,29 +159,8 @@ def _check_path(path: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, int) and not 0 <= value <= schemas.MAX_ID:
             raise NotFound(f"no such {name}: {value}")
         if isinstance(value, str):
-            _check_text(name, value)
+            schemas.check_strings(name, value)
     return path
-
-
-def _check_text(name: str, value: str) -> None:
-    """Text the database cannot store (NUL, lone surrogates) is refused, not crashed on."""
-    if "\x00" in value:
-        raise Invalid(f"{name}: must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise Invalid(f"{name}: must be valid Unicode text") from None
-
-
-def _check_strings(prefix: str, value: Any) -> None:
-    if isinstance(value, str):
-        _check_text(prefix or "value", value)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_strings(f"{prefix}.{key}" if prefix else str(key), item)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_strings(f"{prefix}[{index}]", item)
 
 
 def parse_body(model: type[M]) -> M:
@@ -188,26 +168,13 @@ def parse_body(model: type[M]) -> M:
     data = parse_json(request.get_data(cache=True)) if request.is_json else None
     if not isinstance(data, dict):
         raise Invalid("the body must be a JSON object (Content-Type: application/json)")
-    _check_strings("", data)
-    return _validate(model, data)
+    return schemas.validate(model, data)
 
 
 def parse_query(model: type[M]) -> M:
     """The query string as `model` (the last value of a repeated key wins)."""
     data = {key: request.args.getlist(key)[-1] for key in request.args}
-    _check_strings("", data)
-    return _validate(model, data)
-
-
-def _validate(model: type[M], data: dict[str, Any]) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in exc.errors()[:5]
-        )
-        raise Invalid(problems) from None
+    return schemas.validate(model, data)
 
 
 # --- the document -----------------------------------------------------------------------

@@ -1,17 +1,21 @@
 """The shapes of the JSON API: what each endpoint accepts and returns.
 
-The endpoints validate their input with these models, and `gpulocker.web.openapi`
+The operations (gpulocker.operations) validate their input with these models, whichever
+surface (HTTP API, local socket) the request came through, and `gpulocker.web.openapi`
 builds the OpenAPI document from the same models, so the description cannot drift from
-the code. Request bodies are strict (a string is not a number, unknown keys are
+the code. This module imports only pydantic and the core's errors: the terminal client
+may import it. Request bodies are strict (a string is not a number, unknown keys are
 refused); query strings are parsed leniently since every value arrives as text.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gpulocker.errors import Invalid
 
 MAX_ID = 2**31 - 1
 UserName = Annotated[
@@ -22,6 +26,9 @@ Hours = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Id = Annotated[int, Field(ge=1, le=MAX_ID)]
 Timestamp = Annotated[str, Field(description="ISO 8601, UTC")]
 State = Literal["active", "released", "expired", "revoked"]
+StateOrAny = Literal["active", "released", "expired", "revoked", "any"]
+AllocationId = Annotated[int, Field(description="out of range: not_found, like a missing one")]
+M = TypeVar("M", bound=BaseModel)
 
 
 class Body(BaseModel):
@@ -161,7 +168,35 @@ class ExtendRequest(Body):
 
 class AllocationQuery(Query):
     all: bool = Field(default=False, description="admins: every user's")
-    state: State | None = Field(default=None, description="default: active")
+    state: StateOrAny | None = Field(default=None, description="default: active; any: all states")
+
+
+class AllocationListRequest(Body):
+    """The arguments of the list operation (the query string above, once parsed)."""
+
+    all: bool = False
+    state: StateOrAny = "active"
+
+
+class AllocationRef(Body):
+    id: AllocationId
+
+
+class ExtendArgs(Body):
+    id: AllocationId
+    hours: Hours
+
+
+class ReleaseAllRequest(Body):
+    user: UserName | None = Field(default=None, description="admins: this user's; default yours")
+
+
+class LiftRequest(Body):
+    user: UserName
+
+
+class NoArgs(Body):
+    """An operation that takes nothing."""
 
 
 class AllocationOut(Out):
@@ -190,6 +225,10 @@ class AllocationGranted(Out):
         description="applied: the device files already let you in"
     )
     agent: Literal["running", "not running"]
+
+
+class Released(Out):
+    released: int = Field(description="how many allocations were released")
 
 
 class AllocationOne(Out):
@@ -316,24 +355,36 @@ class Ok(Out):
     ok: Literal[True]
 
 
-# --- operations -------------------------------------------------------------------------
+# --- validation -------------------------------------------------------------------------
 
 
-class HealthCheck(Out):
-    ok: bool
-    detail: str | None = None
-    age_seconds: float | None = None
+def check_strings(prefix: str, value: Any) -> None:
+    """Text the database cannot store (NUL, lone surrogates) is refused, not crashed on."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise Invalid(f"{prefix or 'value'}: must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Invalid(f"{prefix or 'value'}: must be valid Unicode text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_strings(f"{prefix}.{key}" if prefix else str(key), item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_strings(f"{prefix}[{index}]", item)
 
 
-class OutboxHealth(Out):
-    pending: int
-    failed: int
-    oldest_pending_seconds: float
-
-
-class Health(Out):
-    status: Literal["ok", "degraded", "failing"]
-    database: HealthCheck
-    redis: HealthCheck | None
-    agents: dict[str, HealthCheck]
-    notifications: OutboxHealth | None = None
+def validate(model: type[M], data: Any) -> M:
+    """`data` as `model`, or Invalid naming each problem (at most five)."""
+    if not isinstance(data, dict):
+        raise Invalid("the arguments must be a JSON object")
+    check_strings("", data)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        raise Invalid(problems) from None
