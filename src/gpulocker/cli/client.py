@@ -14,12 +14,13 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gpulocker.config import default_state_dir, read_environment
+from gpulocker.config import default_state_dir
 
 if TYPE_CHECKING:
     import urllib.error
@@ -72,6 +73,7 @@ class SocketClient:
             sock.settimeout(self.timeout)
             try:
                 sock.connect(str(self.path))
+                _check_server(sock, self.path)
                 sock.sendall(request)
                 with sock.makefile("rb") as reader:
                     line = reader.readline()
@@ -88,6 +90,22 @@ class SocketClient:
         except ValueError:
             raise ClientError("protocol", f"the agent at {self.path} sent no JSON") from None
         return dict(answer.get("result") or {})
+
+
+def _check_server(sock: socket.socket, path: Path) -> None:
+    """Talk only to an agent run by root, or by the caller (a personal `gpulocker serve`).
+
+    Whoever can create a socket can answer on it: a classmate's fake agent could send a
+    line meant for `eval`. The kernel says who listens (SO_PEERCRED), so we ask it.
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    if uid not in (0, os.getuid()):
+        raise ClientError(
+            "untrusted",
+            f"the socket {path} is served by uid {uid}, which is neither root nor you: "
+            "not talking to it (only root's agent, or your own `gpulocker serve`)",
+        )
 
 
 @dataclass(frozen=True)
@@ -259,13 +277,12 @@ def _query_value(value: Any) -> Any:
 
 
 def socket_candidates() -> list[Path]:
-    """Where the agent's socket may be: SOCKET_PATH if set, else the root agent's path,
-    then the per-user state dir (a `gpulocker serve` run by an ordinary user)."""
-    raw = read_environment()
-    if raw.get("SOCKET_PATH"):
-        return [Path(raw["SOCKET_PATH"]).expanduser()]
-    state_dir = Path(raw["STATE_DIR"]).expanduser() if raw.get("STATE_DIR") else default_state_dir()
-    return [ROOT_SOCKET, state_dir / "gpulocker.sock"]
+    """Where the agent's socket may be when neither `--socket` nor GPULOCKER_SOCKET says:
+    the root agent's path, then the caller's own state dir (a personal `gpulocker serve`).
+
+    Never from a `.env` of the current folder: in a shared project folder a classmate
+    would choose whom we talk to (SPEC §12)."""
+    return [ROOT_SOCKET, default_state_dir() / "gpulocker.sock"]
 
 
 def connect(server: str | None = None, socket_path: Path | None = None) -> Client:

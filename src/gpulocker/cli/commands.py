@@ -66,7 +66,7 @@ def client_command(func: Callable[..., Any]) -> Callable[..., Any]:
         envvar="GPULOCKER_SOCKET",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
-        help="The agent's socket (default: SOCKET_PATH).",
+        help="The agent's socket (default: /run/gpulocker/gpulocker.sock, then your own).",
     )
     @wraps(func)
     def wrapper(server: str | None, socket_path: Path | None, **kwargs: Any) -> Any:
