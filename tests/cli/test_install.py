@@ -141,3 +141,12 @@ def test_units_pass_systemd_analyze_verify_and_security(tmp_path: Path) -> None:
         scores[unit] = float(line.split(":")[1].split()[0])
     assert scores["gpulocker-web.service"] <= 2.5
     assert scores["gpulocker-agent.service"] <= 3.5
+
+
+def test_deploy_holds_what_install_writes() -> None:
+    """deploy/ is rendered from install (scripts/render_deploy.py): one source of truth."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import render_deploy
+
+    for name, text in render_deploy.render().items():
+        assert (render_deploy.DEPLOY / name).read_text() == text, f"rerun render_deploy: {name}"

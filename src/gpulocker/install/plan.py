@@ -73,22 +73,25 @@ SSL_KEY={key}
 """
 
 
-def unit_options(opts: InstallOptions) -> units.UnitOptions:
+def unit_options(opts: InstallOptions, shadow: str | None) -> units.UnitOptions:
     exe = opts.executable or find_executable()
     in_home = exe.startswith(("/home/", "/root/"))
     return units.UnitOptions(
         executable=exe,
         env_file=ENV_FILE,
         user=opts.user,
-        shadow_group=shadow_group(),
+        shadow_group=shadow,
         state_dir=STATE_DIR,
         protect_home="read-only" if in_home else "yes",
     )
 
 
-def install_actions(opts: InstallOptions) -> list[Action]:
-    """Every file install writes and every command it runs, in order."""
-    uo = unit_options(opts)
+def install_actions(
+    opts: InstallOptions, shadow: str | None = None, certificate: bool = True
+) -> list[Action]:
+    """Every file install writes and every command it runs, in order (shadow: the group that
+    reads /etc/shadow, found on this system by default; certificate=False: none made)."""
+    uo = unit_options(opts, shadow or shadow_group())
     actions: list[Action] = []
     if not _user_exists(opts.user):
         groups = ["--groups", uo.shadow_group] if uo.shadow_group else []
@@ -114,7 +117,8 @@ def install_actions(opts: InstallOptions) -> list[Action]:
     cert, key = opts.ssl_cert or CERT, opts.ssl_key or KEY
     if opts.ssl_cert is None:
         actions.append(MakeDir(f"{ETC}/tls", 0o750, group=opts.user))
-        if not (files.exists(opts.root, CERT) and files.exists(opts.root, KEY)):
+        made = files.exists(opts.root, CERT) and files.exists(opts.root, KEY)
+        if certificate and not made:
             cert_pem, key_pem = _certificate(opts.hostname)
             actions.append(WriteFile(KEY, key_pem, 0o640, group=opts.user))
             actions.append(WriteFile(CERT, cert_pem, 0o644))
