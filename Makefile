@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/gpulocker serve --simulate '$(SIMULATE)' --port $(PORT)
+	$(VENV)/bin/gpulocker serve --simulate '$(SIMULATE)' --host 127.0.0.1 --port $(PORT)
 
 test: setup
 	scripts/system-deps.sh test

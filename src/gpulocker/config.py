@@ -87,6 +87,8 @@ class Settings:
     login_failure_floor_seconds: float = 3.0
     ssl_cert: str | None = None
     ssl_key: str | None = None
+    web_user: str = "gpulocker"
+    trusted_proxy: bool = False
     telegram_api_url: str = "https://api.telegram.org"
     notify_urls: tuple[str, ...] = ()
     public_gpu_status: bool = True
@@ -307,6 +309,8 @@ KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "SSL_CERT": ("ssl_cert", _optional_str),
     "SSL_KEY": ("ssl_key", _optional_str),
     "TOKEN_DAYS": ("token_days", _float(strictly_positive=True)),
+    "WEB_USER": ("web_user", _str),
+    "TRUSTED_PROXY": ("trusted_proxy", _bool),
     "TELEGRAM_API_URL": ("telegram_api_url", _url(("http", "https"))),
     "NOTIFY_URLS": ("notify_urls", _list),
     "PUBLIC_GPU_STATUS": ("public_gpu_status", _bool),

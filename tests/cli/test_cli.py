@@ -235,9 +235,34 @@ def test_it_explains_when_no_agent_is_there(tmp_path: Path) -> None:
     assert "cannot talk to the GPULocker agent" in gone.stderr
     remote = runner.invoke(main, ["list", "--server", "gpu1.lab:5151"])
     assert remote.stderr == (
-        "gpulocker: not signed in to http://gpu1.lab:5151: "
-        "run `gpulocker login --server http://gpu1.lab:5151`\n"
+        "gpulocker: not signed in to https://gpu1.lab:5151: "
+        "run `gpulocker login --server https://gpu1.lab:5151`\n"
     )
+
+
+def test_login_refuses_plain_http_off_loopback(runner: CliRunner) -> None:
+    refused = runner.invoke(
+        main,
+        ["login", "--server", "http://gpu1.lab:5151", "--username", ALICE, "--password-stdin"],
+        input="secret\n",
+    )
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("gpulocker: refusing to send a password over plain HTTP")
+    # told otherwise, it tries (and fails to connect: no such host), not refusing
+    told = runner.invoke(
+        main,
+        [
+            "login",
+            "--server",
+            "http://gpu1.invalid:5151",
+            "--username",
+            ALICE,
+            "--password-stdin",
+            "--insecure-http",
+        ],
+        input="secret\n",
+    )
+    assert "refusing" not in told.stderr
 
 
 def test_it_warns_when_the_live_readings_are_missing_or_old(runner: CliRunner) -> None:

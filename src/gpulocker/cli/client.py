@@ -124,11 +124,32 @@ def credentials_path() -> Path:
 
 
 def normalize_server(url: str) -> str:
-    """`host:5151` -> `http://host:5151`; no trailing slash."""
+    """`host:5151` -> `https://host:5151` (SPEC section 14); no trailing slash."""
     url = url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
-        url = "http://" + url
+        url = "https://" + url
     return url
+
+
+def plain_http_refusal(url: str) -> str | None:
+    """Why `gpulocker login` will not send a password to `url` (plain HTTP off loopback)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return None
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"refusing to send a password over plain HTTP to {host}: use https:// "
+        "(or --insecure-http if you really mean it)"
+    )
 
 
 def load_credentials(path: Path | None = None) -> Credentials | None:

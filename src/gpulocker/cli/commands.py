@@ -25,6 +25,7 @@ from gpulocker.cli.client import (
     forget_credentials,
     login,
     normalize_server,
+    plain_http_refusal,
     save_credentials,
 )
 from gpulocker.cli.render import (
@@ -286,9 +287,16 @@ def whoami(client: Client, as_json: bool) -> None:
 @click.option("--server", required=True, help="GPULocker URL, e.g. https://gpu1.lab:5151")
 @click.option("--username", default=None, help="Your Linux user name on the server.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin (for scripts).")
-def login_command(server: str, username: str | None, password_stdin: bool) -> None:
-    """Sign in to a GPULocker server; later commands go there over HTTP with a token."""
+@click.option("--insecure-http", is_flag=True, help="Allow http:// to a host off loopback.")
+def login_command(
+    server: str, username: str | None, password_stdin: bool, insecure_http: bool
+) -> None:
+    """Sign in to a GPULocker server (https:// unless told); later commands use a token."""
     server = normalize_server(server)
+    refusal = None if insecure_http else plain_http_refusal(server)
+    if refusal:
+        _fail(refusal)
+        return
     username = username or click.prompt("Username", default=getpass.getuser())
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")

@@ -28,16 +28,24 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
         ctx = open_context(settings or load_settings())
     settings = ctx.settings
     app = Flask(__name__)
+    secure = bool(settings.ssl_cert) or settings.trusted_proxy
     app.config.update(
         SECRET_KEY=resolve_secret_key(settings),
-        SESSION_COOKIE_NAME="gpulocker_session",
+        # Behind TLS (or a TLS proxy) the cookie is Secure and host-only (__Host-: no Domain,
+        # Path=/), so a plain-HTTP service on another port of the same host never receives it.
+        SESSION_COOKIE_NAME="__Host-gpulocker_session" if secure else "gpulocker_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=bool(settings.ssl_cert),
+        SESSION_COOKIE_SECURE=secure,
+        SESSION_COOKIE_PATH="/",
         PERMANENT_SESSION_LIFETIME=timedelta(hours=tokens.WEB_SESSION_HOURS),
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         LOGIN_VIEW="pages.login",
     )
+    if settings.trusted_proxy:  # the proxy's X-Forwarded-For/-Proto say who asked, over what
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
     app.extensions["gpulocker"] = ctx
     changes = app.extensions[CHANGES] = ChangeCounter()
     app.extensions[STATUS_CACHE] = StatusCache(changes)

@@ -15,6 +15,7 @@ behind.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from gpulocker.config import Settings
+from gpulocker.web import unprivileged
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,26 @@ class GunicornServer(BaseApplication):
         return self.load_app()
 
 
+def plain_http_refusal(settings: Settings) -> str | None:
+    """The one line the web stops with when it would serve plain HTTP off loopback (SPEC
+    section 14): passwords and session cookies would cross the network in the clear. None
+    when TLS is configured, TRUSTED_PROXY is set, or HOST is a loopback address."""
+    if (settings.ssl_cert and settings.ssl_key) or settings.trusted_proxy:
+        return None
+    host = settings.host.strip("[]")
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (
+        f"refusing plain HTTP on {settings.host}:{settings.port}: set SSL_CERT and SSL_KEY, "
+        "or TRUSTED_PROXY=1 behind a TLS proxy, or HOST=127.0.0.1"
+    )
+
+
 def url_of(settings: Settings) -> str:
     """The address to open in a browser."""
     scheme = "https" if settings.ssl_cert else "http"
@@ -164,10 +186,31 @@ def start_agent(simulate: str | None) -> subprocess.Popen[bytes]:
 
 
 def start_web(settings: Settings) -> subprocess.Popen[bytes]:
-    """The web server of `serve`: `gpulocker web` with SERVE_WORKERS workers."""
+    """The web server of `serve`: `gpulocker web` with SERVE_WORKERS workers; as WEB_USER when
+    `serve` runs as root and that user exists (SPEC section 14), never as root otherwise
+    without saying so."""
     command = [sys.executable, "-m", "gpulocker", "web", "--host", settings.host]
     command += ["--port", str(settings.port), "--workers", str(SERVE_WORKERS), "--quiet"]
-    return _start_child(command)
+    if os.geteuid() != 0:
+        return _start_child(command)
+    account = unprivileged.web_account(settings.web_user)
+    if account is None:
+        log.warning(
+            "WEB_USER %s does not exist: the web half runs as root (`gpulocker install` "
+            "creates the user)",
+            settings.web_user,
+        )
+        return _start_child(command)
+    unprivileged.share_state(settings, account)
+    log.info("the web half runs as %s", settings.web_user)
+    return subprocess.Popen(
+        command,
+        preexec_fn=_die_with_parent,
+        user=account.uid,
+        group=account.gid,
+        extra_groups=list(account.groups),
+        umask=0o007,
+    )
 
 
 def stop_child(child: subprocess.Popen[bytes]) -> None:
@@ -197,6 +240,10 @@ def serve(settings: Settings, simulate: str | None) -> int:
     """
     from gpulocker.context import open_context
 
+    refusal = plain_http_refusal(settings)
+    if refusal:
+        print(refusal, file=sys.stderr, flush=True)
+        return 2
     open_context(settings).close()  # migrate once, before either child starts
     print(banner(settings, with_agent=True), flush=True)
     stop = threading.Event()
@@ -247,6 +294,10 @@ def web(settings: Settings, workers: int | None = None, quiet: bool = False) -> 
     from gpulocker.context import open_context
     from gpulocker.web import create_app
 
+    refusal = plain_http_refusal(settings)
+    if refusal:
+        print(refusal, file=sys.stderr, flush=True)
+        raise SystemExit(2)
     ctx = open_context(settings)
     if not quiet:
         print(banner(settings, with_agent=False), flush=True)
