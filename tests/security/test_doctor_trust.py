@@ -39,7 +39,7 @@ def test_it_fails_on_a_state_folder_or_database_others_can_read(settings: Settin
 
 def test_it_fails_on_a_device_dir_or_socket_folder_others_can_write(settings: Settings) -> None:
     settings.device_path.chmod(0o777)
-    Path(settings.socket_path).parent.chmod(0o1777)
+    settings.local_socket_path.parent.chmod(0o1777)
     found = trust(settings)
     assert (
         found["device dir"][0] == FAIL and "writable by group or others" in found["device dir"][1]

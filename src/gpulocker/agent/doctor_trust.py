@@ -26,7 +26,7 @@ def check_trust(settings: Settings) -> list[Finding]:
     return [
         *_private(settings),
         *_root_only(settings.device_path, "DEVICE_DIR"),
-        *_root_only(Path(settings.socket_path).parent, "socket folder"),
+        *_root_only(settings.local_socket_path.parent, "socket folder"),
         *_redis_auth(settings),
     ]
 
