@@ -7,6 +7,7 @@ expected, so `gpulocker` can stop with that line instead of a traceback.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
+
+from gpulocker.safefs import trusted_file_problem
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("nvml", "smi", "simulated")
@@ -329,16 +332,46 @@ def default_state_dir() -> Path:
     return Path(base) / "gpulocker"
 
 
+SYSTEM_ENV_FILE = Path("/etc/gpulocker/gpulocker.env")
+
+
+def _read_trusted(path: Path) -> dict[str, str]:
+    """Key/values of a config file its reader may trust: owned by root or by the reader,
+    writable by neither group nor others (SPEC §12). Anything else is refused in one line."""
+    uid = os.geteuid()
+    if str(path) == os.devnull:  # "no configuration file" (tests, containers)
+        return {}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from None
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
+        problem = trusted_file_problem(os.fstat(fd), uid)
+        if problem:
+            raise ConfigError(f"{path}: refusing this configuration file: {problem}")
+        text = handle.read(1 << 20)
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
+
+
+def env_file_path(environ: Mapping[str, str], env_file: str | Path | None = None) -> Path:
+    """The configuration file: the one named, else /etc/gpulocker/gpulocker.env for root
+    (never a `.env` of the folder root was started in), else `./.env`."""
+    named = env_file or environ.get("GPULOCKER_ENV_FILE")
+    if named:
+        return Path(named)
+    return SYSTEM_ENV_FILE if os.geteuid() == 0 else Path(".env")
+
+
 def read_environment(
     environ: Mapping[str, str] | None = None, env_file: str | Path | None = None
 ) -> dict[str, str]:
-    """The raw key/values: the `.env` file first, the process environment on top."""
+    """The raw key/values: the trusted `.env` file first, the process environment on top."""
     environ = os.environ if environ is None else environ
-    path = Path(env_file or environ.get("GPULOCKER_ENV_FILE") or ".env")
+    path = env_file_path(environ, env_file)
     values: dict[str, str] = {}
-    if path.is_file():
-        values.update({k: v for k, v in dotenv_values(path).items() if v is not None})
-    elif not path.exists() and (env_file is not None or "GPULOCKER_ENV_FILE" in environ):
+    if os.path.lexists(path):
+        values.update(_read_trusted(path))
+    elif env_file is not None or environ.get("GPULOCKER_ENV_FILE"):
         raise ConfigError(f"GPULOCKER_ENV_FILE: no such file: {path}")
     values.update({k: v for k, v in environ.items() if k in KEYS})
     return values

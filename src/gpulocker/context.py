@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+from gpulocker import safefs
 from gpulocker.config import ConfigError, Settings
 from gpulocker.db import Database
 
 if TYPE_CHECKING:
     from redis import Redis
+
+log = logging.getLogger(__name__)
+# What STATE_DIR holds that others must not read: the database (Telegram link codes,
+# NOTIFY_URLS credentials), its WAL and SHM, and the generated secret key.
+STATE_FILES = ("gpulocker.db", "gpulocker.db-wal", "gpulocker.db-shm", "secret_key")
 
 
 @dataclass
@@ -47,6 +54,11 @@ class Context:
 
 def open_context(settings: Settings, migrate: bool = True) -> Context:
     """A Context with the schema brought up to date (migrations run at every start)."""
+    try:  # outside systemd too, nobody else reads the state (SPEC §12)
+        if os.path.isdir(settings.state_dir):
+            safefs.private_state(settings.state_dir, STATE_FILES)
+    except safefs.UnsafePath as exc:
+        log.warning("STATE_DIR: %s", exc)
     ctx = Context(settings)
     if migrate:
         ctx.db.upgrade()
@@ -66,6 +78,8 @@ def configure_logging(settings: Settings, stream: bool = True) -> None:
         handlers.append(logging.StreamHandler(sys.stderr))
     if settings.log_file:
         try:
+            os.close(safefs.open_nofollow(settings.log_file, os.O_WRONLY | os.O_CREAT, 0o600))
+            safefs.make_private(settings.log_file)
             handlers.append(
                 logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8")
             )

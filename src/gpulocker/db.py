@@ -9,6 +9,7 @@ from the constraints, not from that lock.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from gpulocker import safefs
 from gpulocker.config import ConfigError
 from gpulocker.errors import Unavailable
 
@@ -45,9 +47,16 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, **kwargs)
     if parsed.database and parsed.database != ":memory:":
-        folder = Path(parsed.database).parent
+        database = Path(parsed.database)
+        folder = database.parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            # Not readable by others outside systemd either (SPEC §12): 0700 folder, 0600
+            # database; SQLite gives the WAL and SHM the database's mode.
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = safefs.open_nofollow(database, os.O_RDONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+            for suffix in ("", "-wal", "-shm"):
+                safefs.make_private(f"{database}{suffix}")
         except OSError as exc:
             raise ConfigError(
                 f"STATE_DIR: expected a directory GPULocker can create for the database "

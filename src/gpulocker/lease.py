@@ -11,15 +11,24 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import or_, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 
 from gpulocker.db import Database
 from gpulocker.models import Lease, utcnow
 
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _free(now: datetime, until: datetime) -> tuple[ColumnElement[bool], ...]:
+    """A lease is free when it has expired, or when it ends later than any lease of this
+    length taken now could: the wall clock was stepped back since it was taken. Without the
+    second test a clock stepped back by T would stall expiry (and the lease's holder's
+    failover) for T; leases span hosts, so a monotonic clock cannot be shared instead."""
+    return (Lease.expires_at <= now, Lease.expires_at > until)
 
 
 def acquire(db: Database, name: str, seconds: float, holder: str = PROCESS_ID) -> bool:
@@ -29,7 +38,7 @@ def acquire(db: Database, name: str, seconds: float, holder: str = PROCESS_ID) -
     with db.transaction() as session:
         result = session.execute(
             update(Lease)
-            .where(Lease.name == name, or_(Lease.holder == holder, Lease.expires_at <= now))
+            .where(Lease.name == name, or_(Lease.holder == holder, *_free(now, until)))
             .values(holder=holder, expires_at=until)
             .execution_options(synchronize_session=False)
         )
@@ -56,7 +65,7 @@ def claim_slot(db: Database, name: str, seconds: float, holder: str = PROCESS_ID
     with db.transaction() as session:
         result = session.execute(
             update(Lease)
-            .where(Lease.name == name, Lease.expires_at <= now)
+            .where(Lease.name == name, or_(*_free(now, until)))
             .values(holder=holder, expires_at=until)
             .execution_options(synchronize_session=False)
         )

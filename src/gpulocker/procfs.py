@@ -6,7 +6,6 @@ import os
 import pwd
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -19,13 +18,27 @@ class OpenFileHolder:
     name: str
 
 
-@lru_cache(maxsize=4096)
-def user_name(uid: int) -> str:
-    """The account name of `uid`, or the uid as text when there is no passwd entry."""
+_NAMES: dict[int, str] = {}  # successful lookups only: a failure is never remembered
+
+
+def known_name(uid: int) -> str | None:
+    """The account name of `uid` looked up now, or None when the lookup fails (no passwd
+    entry, or NSS/LDAP/SSSD answering nothing right now). Only successes are cached, so a
+    hiccup costs one retry, not a wrong answer until a restart (SPEC §12)."""
     try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+        name = pwd.getpwuid(uid).pw_name
+    except (KeyError, OSError):
+        return None
+    if len(_NAMES) > 65536:
+        _NAMES.clear()
+    _NAMES[uid] = name
+    return name
+
+
+def user_name(uid: int) -> str:
+    """The account name of `uid` for display: a fresh lookup, else the last name seen for
+    that uid, else the uid as text. Decisions use the uid, never this text."""
+    return known_name(uid) or _NAMES.get(uid) or str(uid)
 
 
 def process_owner(pid: int) -> int | None:

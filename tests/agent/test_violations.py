@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pwd
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -121,11 +122,11 @@ def test_it_allows_holders_and_former_holders_whose_access_is_being_removed(
     assert allowed == {0: {ALICE}, 1: {BOB}}
 
 
-def test_it_finds_only_processes_of_users_without_a_right(settings: Settings) -> None:
+def test_it_finds_only_processes_of_users_without_a_right(settings: Settings, users: dict) -> None:
     now = utcnow()
 
     def sample(index: int, *owners: str) -> GpuSample:
-        procs = [GpuProcess(100 + i, 1000 + i, user) for i, user in enumerate(owners)]
+        procs = [GpuProcess(100 + i, pwd.getpwnam(u).pw_uid, u) for i, u in enumerate(owners)]
         return GpuSample(index=index, at=now, processes=procs)
 
     samples = {0: sample(0, ALICE, CAROL), 1: sample(1, "root", ADMIN)}

@@ -30,6 +30,8 @@ from pathlib import Path
 import posix1e
 import psutil
 
+from gpulocker import safefs
+
 log = logging.getLogger(__name__)
 
 RW = "rw-"
@@ -73,9 +75,16 @@ _BASE_TAGS = {
 
 
 def read(path: str | Path) -> FileAccess:
-    """Read the owner, mode and ACL of `path` (raises OSError when it cannot)."""
-    info = os.stat(path)
-    acl = posix1e.ACL(file=str(path))
+    """Read the owner, mode and ACL of `path` (raises OSError when it cannot).
+
+    Through one O_NOFOLLOW fd: a symlink put in a device file's place raises UnsafePath.
+    """
+    fd = safefs.open_regular(path)
+    try:
+        info = os.fstat(fd)
+        acl = posix1e.ACL(fd=fd)
+    finally:
+        os.close(fd)
     base: dict[str, str] = {}
     users: dict[int, str] = {}
     groups: dict[int, str] = {}
@@ -116,20 +125,23 @@ def apply(path: str | Path, uids: Iterable[int]) -> None:
     The owner is set back to root first when it is not (a user-owned device file would let
     its owner in through `user::`).
     """
-    info = os.stat(path)
-    if info.st_uid != 0:
-        os.chown(path, 0, -1)
-    acl = posix1e.ACL()
-    for tag, perms in (
-        (posix1e.ACL_USER_OBJ, RW),
-        (posix1e.ACL_GROUP_OBJ, NONE),
-        (posix1e.ACL_OTHER, NONE),
-        (posix1e.ACL_MASK, RW),
-    ):
-        _add(acl, tag, perms)
-    for uid in sorted(set(uids)):
-        _add(acl, posix1e.ACL_USER, RW, uid)
-    acl.applyto(str(path))
+    fd = safefs.open_regular(path)  # never chown or set an ACL through a link
+    try:
+        if os.fstat(fd).st_uid != 0:
+            os.fchown(fd, 0, -1)
+        acl = posix1e.ACL()
+        for tag, perms in (
+            (posix1e.ACL_USER_OBJ, RW),
+            (posix1e.ACL_GROUP_OBJ, NONE),
+            (posix1e.ACL_OTHER, NONE),
+            (posix1e.ACL_MASK, RW),
+        ):
+            _add(acl, tag, perms)
+        for uid in sorted(set(uids)):
+            _add(acl, posix1e.ACL_USER, RW, uid)
+        acl.applyto(fd)
+    finally:
+        os.close(fd)
 
 
 def _add(acl: posix1e.ACL, tag: int, perms: str, qualifier: int | None = None) -> None:
@@ -144,12 +156,25 @@ def _add(acl: posix1e.ACL, tag: int, perms: str, qualifier: int | None = None) -
         entry.permset.add(posix1e.ACL_WRITE)
 
 
+_UIDS: dict[str, int] = {}  # successful lookups only: a failure is never remembered
+
+
 def user_uid(name: str) -> int | None:
-    """The uid of account `name` (None when there is none; a numeric name is a uid)."""
+    """The uid of account `name` (None when there is none; a numeric name is a uid).
+
+    A lookup that fails now (an LDAP/SSSD hiccup) falls back to the uid last seen for that
+    name, so a holder never loses access or counts as a violator because of an outage.
+    """
     try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
+        uid = pwd.getpwnam(name).pw_uid
+    except (KeyError, OSError):
+        if name in _UIDS:
+            return _UIDS[name]
         return int(name) if name.isdigit() else None
+    if len(_UIDS) > 65536:
+        _UIDS.clear()
+    _UIDS[name] = uid
+    return uid
 
 
 def user_label(uid: int) -> str:

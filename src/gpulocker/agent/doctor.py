@@ -25,6 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from gpulocker import heartbeat
+from gpulocker.agent import doctor_trust
 from gpulocker.config import Settings
 from gpulocker.db import Database, alembic_config, current_revision, head_revision
 from gpulocker.gpus import BackendUnavailable, GpuBackend, GpuInfo, make_backend
@@ -75,6 +76,8 @@ def run_checks(
     paths = paths or HostPaths()
     checks: list[Check] = []
     steps: list[tuple[str, Callable[[], list[Check]]]] = [
+        # first, before opening the database fixes its mode: what the host is like now
+        ("trust", lambda: [Check(*found) for found in doctor_trust.check_trust(settings)]),
         ("driver", lambda: check_gpus(settings, backend_factory)),
         ("device files", lambda: check_driver_options(settings, paths)),
         ("acl", lambda: check_acl(settings)),

@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from gpulocker import operations
+from gpulocker import operations, safefs
 from gpulocker.agent.admission import Admission
 from gpulocker.context import Context
 from gpulocker.errors import Forbidden, GPULockerError, Invalid
@@ -96,10 +96,10 @@ def bind(path: Path) -> socket.socket:
     A stale socket file (no one listening) is replaced; a live one means another agent
     serves it, which is refused.
     """
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o755)
-        path.parent.chmod(0o755)
-    elif not path.parent.stat().st_mode & stat.S_IXOTH:
+    # Only root may write in the folder, so nobody can swap the socket or its temp name
+    # for a link between bind and chmod below (SPEC §12).
+    safefs.make_root_dir(path.parent, 0o755, "socket folder")
+    if not path.parent.stat().st_mode & stat.S_IXOTH:
         log.warning("%s is not reachable by other users; they cannot use the socket", path.parent)
     if path.exists() or path.is_symlink():
         _remove_stale(path)

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gpulocker import allocations, events, procfs
 from gpulocker.agent import access
+from gpulocker.agent.drift import DriftLimiter
 from gpulocker.context import Context
 from gpulocker.inventory import TypedGpu
 from gpulocker.models import ACTIVE, Allocation, utcnow
@@ -78,6 +79,7 @@ class Reconciler:
         self.db_ok = True
         self.reconciled_at: str | None = None
         self._baselined: set[str] = set()
+        self.drift_limiter = DriftLimiter()
         self._fingerprints: dict[str, tuple[int, ...] | None] = {}
         self._unknown_users: set[str] = set()
 
@@ -261,21 +263,26 @@ class Reconciler:
         )
 
     def _write_report(self, report: Report) -> None:
+        drift = []  # at most one record per file per minute; every correction is done anyway
         for kind, index, path, changes in report.drift:
-            log.warning("%s on %s (GPU %s): %s", kind, path, index, "; ".join(changes))
-        if not report.drift and not report.applied:
+            coalesced = self.drift_limiter.admit(f"{kind} {path}")
+            if coalesced is not None:
+                log.warning("%s on %s (GPU %s): %s", kind, path, index, "; ".join(changes))
+                drift.append((kind, index, path, changes, coalesced))
+        if not drift and not report.applied:
             return
         try:
             with self.ctx.db.transaction() as session:
-                for kind, index, path, changes in report.drift:
+                for kind, index, path, changes, coalesced in drift:
+                    more = f" (and {coalesced} more times before)" if coalesced else ""
                     events.record(
                         session,
                         kind,
                         "agent",
-                        f"{path} (GPU {index}) corrected: {'; '.join(changes)}",
+                        f"{path} (GPU {index}) corrected{more}: {'; '.join(changes)}",
                         host=self.host,
                         gpu_id=index,
-                        data={"device": path, "changes": changes},
+                        data={"device": path, "changes": changes, "coalesced": coalesced},
                     )
                 for allocation_id in report.applied:
                     allocations.mark_access_applied(session, allocation_id)

@@ -20,7 +20,8 @@ import psutil
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gpulocker import events, lockouts
+from gpulocker import events, lockouts, procfs
+from gpulocker.agent import access
 from gpulocker.agent.steps import StepView
 from gpulocker.config import Settings
 from gpulocker.gpus import GpuSample
@@ -70,8 +71,20 @@ def suspects(
     """Processes in `samples` whose owner may not use that GPU."""
     found = []
     for gpu_id, sample in sorted(samples.items()):
+        names = allowed.get(gpu_id, set()) | exempt_users
+        uids = {uid for uid in map(access.user_uid, names) if uid is not None}
         for proc in sample.processes:
-            if proc.user in exempt_users or proc.user in allowed.get(gpu_id, set()):
+            if proc.user in names or (proc.uid is not None and proc.uid in uids):
+                continue
+            if proc.uid is not None and procfs.known_name(proc.uid) is None:
+                # Identity by uid: who it is cannot be told right now (no passwd entry, or
+                # an NSS outage). Never punish on that; the ACL still keeps them out.
+                log.warning(
+                    "GPU %s: pid %s of uid %s whose name cannot be looked up; not punished",
+                    gpu_id,
+                    proc.pid,
+                    proc.uid,
+                )
                 continue
             found.append(Suspect(gpu_id, proc.pid, proc.uid, proc.user, proc.name))
     return found

@@ -15,9 +15,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from gpulocker import procfs
+from gpulocker import procfs, safefs
 from gpulocker.gpus import GpuInfo, GpuProcess, GpuSample
 from gpulocker.models import utcnow
+from gpulocker.safefs import make_root_dir
 
 MEMORY_BY_TYPE_MIB = {"4090": 24564, "3090": 24576, "a100": 81920, "h100": 81559, "h200": 143771}
 DEFAULT_MEMORY_MIB = 16384
@@ -61,14 +62,23 @@ def write_load(
 
 
 def ensure_device_file(path: Path) -> bool:
-    """Create the file 0666 if it is missing, as the driver would. True if it was created."""
-    if path.exists():
+    """Create the file 0666 if it is missing, as the driver would. True if it was created.
+
+    As root: the folder must be root's and writable by nobody else, and the file is created
+    with O_EXCL|O_NOFOLLOW and chmodded through its fd, so a planted (even dangling) symlink
+    is refused rather than followed (SPEC §12).
+    """
+    make_root_dir(path.parent, 0o755, "DEVICE_DIR")
+    try:
+        fd = safefs.open_nofollow(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        fd = safefs.open_regular(path)  # refuses a symlink or a file of the wrong type
+        os.close(fd)
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.parent.chmod(0o755)
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o666)
-    os.close(fd)
-    os.chmod(path, 0o666)  # noqa: S103 - as the driver does; the umask must not narrow it
+    try:
+        os.fchmod(fd, 0o666)  # as the driver does; the umask must not narrow it
+    finally:
+        os.close(fd)
     return True
 
 
