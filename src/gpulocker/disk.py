@@ -17,14 +17,18 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import stat
+import selectors
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
+from gpulocker import diskscan
 from gpulocker.background import Worker
 from gpulocker.config import Settings
 from gpulocker.context import Context
@@ -122,38 +126,80 @@ def usage_all(ctx: Context) -> list[dict[str, Any]]:
 # --- measuring
 
 
-def measure(root: str, progress: Callable[[int], None] | None = None) -> int:
-    """Bytes allocated under `root` (like `du -sx`), calling `progress(bytes so far)` about
-    every PROGRESS_SECONDS. Unreadable directories are skipped, not fatal."""
-    top = os.lstat(root)
-    device = top.st_dev
-    total = top.st_blocks * 512
-    seen: set[tuple[int, int]] = set()
-    stack = [root] if stat.S_ISDIR(top.st_mode) else []
-    next_report = time.monotonic() + PROGRESS_SECONDS
-    while stack:
-        directory = stack.pop()
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    try:
-                        info = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
-                        key = (info.st_dev, info.st_ino)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                    total += info.st_blocks * 512
-                    if stat.S_ISDIR(info.st_mode) and info.st_dev == device:
-                        stack.append(entry.path)
-        except OSError as exc:
-            log.debug("disk scan skips %s: %s", directory, exc)
-        if progress is not None and time.monotonic() >= next_report:
-            progress(total)
-            next_report = time.monotonic() + PROGRESS_SECONDS
-    return total
+def measure(
+    root: str, progress: Callable[[int], None] | None = None, user: str | None = None
+) -> int:
+    """Bytes allocated under `root` (like `du -sx`); see `measure_tree`."""
+    return measure_tree(root, progress, user)[0]
+
+
+def measure_tree(
+    root: str, progress: Callable[[int], None] | None = None, user: str | None = None
+) -> tuple[int, str]:
+    """(bytes, how it ended) under `root`, measured by a child process with the rights of
+    `user` (default: the owner of `root`), calling `progress(bytes so far)` as it goes.
+
+    The enforcement process never walks a user's files itself: the child (diskscan.py)
+    has dropped to the user's uid and groups, follows no link, and is bounded in entries,
+    time and memory; here we only read its short lines, and kill it past its time.
+    """
+    command = [sys.executable, "-I", "-c", _SCANNER, root]
+    command += [str(diskscan.MAX_ENTRIES), str(diskscan.MAX_SECONDS), str(PROGRESS_SECONDS)]
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+        **_as_owner(root, user),
+    )
+    try:
+        return _read_scanner(proc, progress)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+_SCANNER = Path(diskscan.__file__).read_text()
+
+
+def _as_owner(root: str, user: str | None) -> dict[str, Any]:
+    """The subprocess arguments that make the scanner run as the home's user (as root)."""
+    if os.geteuid() != 0:
+        return {}  # a personal serve measures with its own rights, which are the user's
+    entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.lstat(root).st_uid)
+    if entry.pw_uid == 0:
+        raise OSError(f"refusing to measure {root} as root")
+    groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": groups}
+
+
+def _read_scanner(
+    proc: subprocess.Popen[bytes], progress: Callable[[int], None] | None
+) -> tuple[int, str]:
+    """Follow the scanner's lines until `done`; OSError when it fails or runs too long."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + diskscan.MAX_SECONDS + 30
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                continue
+            words = proc.stdout.readline(512).decode("ascii", "replace").split(maxsplit=3)
+            if not words:
+                raise OSError("the disk scan ended without an answer")
+            if words[0] == "progress" and len(words) == 2 and words[1].isdigit():
+                if progress is not None:
+                    progress(int(words[1]))
+            elif words[0] == "done" and len(words) == 4 and words[1].isdigit():
+                return int(words[1]), words[3]
+            elif words[0] == "error":
+                raise OSError(" ".join(words[1:])[:200])
+    raise OSError("the disk scan took too long")
 
 
 def filesystem(path: str) -> tuple[int, int, int]:
@@ -205,13 +251,14 @@ def scan(db: Database, user: str, home: str) -> DiskUsage:
     try:
         if not home or not os.path.isdir(home):
             raise FileNotFoundError(f"home directory {home or '(none)'} does not exist")
-        used = measure(home, progress=lambda done: write(scanned_bytes=done))
+        used, ended = measure_tree(home, lambda done: write(scanned_bytes=done), user)
         fs_total, fs_used, fs_free = filesystem(home)
-    except OSError as exc:
+    except (OSError, KeyError) as exc:
         write(status=ERROR, error=str(exc), measured_at=utcnow())
     else:
         write(
             status=DONE,
+            error=None if ended == "complete" else f"stopped early: {ended}",
             used_bytes=used,
             scanned_bytes=used,
             fs_total_bytes=fs_total,

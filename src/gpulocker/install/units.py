@@ -13,8 +13,10 @@ AGENT_CAPABILITIES = (
     "CAP_FOWNER",  # set ACLs/modes on /dev/nvidia* and files it does not own
     "CAP_CHOWN",  # give device files back to root when they were changed
     "CAP_KILL",  # stop processes that use a GPU they hold no allocation for
-    "CAP_DAC_READ_SEARCH",  # read /proc/<pid>/fd and the homes' disk usage
+    "CAP_DAC_READ_SEARCH",  # read /proc/<pid>/fd of other users' processes
     "CAP_SYS_PTRACE",  # /proc/<pid>/fd of other users' processes
+    "CAP_SETUID",  # the disk scanner drops to the user whose home it measures
+    "CAP_SETGID",  # ... with that user's groups
 )
 
 _COMMON_SANDBOX = """\
