@@ -123,12 +123,23 @@ class GpuStatusRow(Out):
     allocation_id: int | None = Field(description="null for anonymous callers")
     expires_at: Timestamp | None = Field(description="null for anonymous callers")
     processes: list[GpuProcessOut] = Field(description="empty for anonymous callers")
+    reachable: bool = Field(
+        description="false when the agent of its host is silent (AGENT_STALE_SECONDS): "
+        "not granted to new requests"
+    )
+
+
+class HostOut(Out):
+    host: str
+    agent: str = Field(description="ok, unreachable (silent for AGENT_STALE_SECONDS) or unknown")
+    age_seconds: float | None = Field(description="since the agent's last heartbeat")
 
 
 class GpuStatus(Out):
     at: Timestamp
     maintenance: bool
     gpus: list[GpuStatusRow]
+    hosts: list[HostOut]
 
 
 class HistoryQuery(Query):
