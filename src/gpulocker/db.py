@@ -24,11 +24,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gpulocker import safefs
+from gpulocker import changes, safefs
 from gpulocker.config import ConfigError
 from gpulocker.errors import Unavailable
 
 log = logging.getLogger(__name__)
+changes.install()  # committed changes are announced to the agents (pg_notify)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
