@@ -58,7 +58,9 @@ def request(
     # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
     for _attempt in range(64):
         try:
-            with db.transaction() as session:
+            # Requests take turns: a waiter starts the moment the one before commits, and
+            # then sees what it took (no lost race to retry, no busy-handler sleeps).
+            with db.serialized("allocate") as session:
                 granted = _grant(session, settings, actor, user, gpu_type, count, hours, gpu_ids)
             return granted
         except IntegrityError:

@@ -272,4 +272,4 @@ def sleep(agent: Any, stop: Any) -> None:
         woken = True
     if woken and not stop.is_set():
         agent.run_soon("reconcile")
-        waker.second_look = True
+        waker.second_look = "sqlite-inotify" in waker.sources
