@@ -129,8 +129,29 @@ def status(client: Client, as_json: bool) -> None:
         "LEFT",
         "PROCESSES (user:pid:mem)",
     ]
-    for line in render_table(headers, status_rows(gpus, me), right=[2, 3, 4]):
-        echo(line)
+    hosts = {g.get("host") for g in gpus}
+    if len(hosts) <= 1:
+        for line in render_table(headers, status_rows(gpus, me), right=[2, 3, 4]):
+            echo(line)
+        return
+    health = {h.get("host"): h for h in answer.get("hosts", []) if isinstance(h, dict)}
+    for host in sorted(hosts, key=str):
+        echo(host_heading(str(host), health.get(host, {})))
+        rows = status_rows([g for g in gpus if g.get("host") == host], me)
+        for line in render_table(headers, rows, right=[2, 3, 4]):
+            echo("  " + line)
+
+
+def host_heading(host: str, health: dict[str, Any]) -> str:
+    """One host's line above its GPUs: its name and its agent's health."""
+    state = health.get("agent") or "unknown"
+    age = health.get("age_seconds")
+    seen = f", last heartbeat {age:.0f} s ago" if isinstance(age, int | float) else ""
+    line = f"{host}: agent {state}{seen}"
+    if state == "unreachable":
+        line += " (its GPUs are not granted until it is back)"
+        return click.style(line, fg="red", bold=True)
+    return click.style(line, bold=True)
 
 
 def request_options(command: Callable[..., Any]) -> Callable[..., Any]:
