@@ -51,6 +51,7 @@ from gpulocker.web.status_cache import CHANGES
 REPEATS = 15
 GPUS_PER_HOST = 32
 ADMIN = "admin0"
+STEPS: list[dict[str, float]] = []  # per step CPU ms of each measured agent, in order
 
 
 @contextmanager
@@ -194,6 +195,13 @@ def tick_ms(ctx: Context, workdir: Path) -> float:
         began = time.process_time()
         agent.tick(force=True)
         took.append(time.process_time() - began)
+    spent: dict[str, list[float]] = {}
+    for _ in range(5):
+        for step in agent.steps:
+            began = time.process_time()
+            step.run(agent)
+            spent.setdefault(step.name, []).append(time.process_time() - began)
+    STEPS.append({k: statistics.median(v) * 1000 for k, v in spent.items()})
     agent.close()
     agent.ctx.close()
     return statistics.median(took) * 1000
@@ -259,6 +267,11 @@ def main() -> int:
         f"  agent tick CPU with {args.processes} more processes: one host {t1p:.2f} ms | "
         f"8 hosts {t8p:.2f} ms | {'<' if t8p < 50 else '>='} 50 ms goal"
     )
+    for label, steps in zip(
+        ["one host", "8 hosts", "one host + processes", "8 hosts + processes"], STEPS, strict=False
+    ):
+        top = sorted(steps.items(), key=lambda kv: -kv[1])[:5]
+        print(f"    steps, {label}: " + ", ".join(f"{k} {v:.1f}" for k, v in top))
     return 0
 
 
