@@ -123,10 +123,7 @@ class GpuStatusRow(Out):
     allocation_id: int | None = Field(description="null for anonymous callers")
     expires_at: Timestamp | None = Field(description="null for anonymous callers")
     processes: list[GpuProcessOut] = Field(description="empty for anonymous callers")
-    reachable: bool = Field(
-        description="false when the agent of its host is silent (AGENT_STALE_SECONDS): "
-        "not granted to new requests"
-    )
+    reachable: bool = Field(description="false: its host's agent is silent, not granted")
 
 
 class HostOut(Out):

@@ -30,6 +30,7 @@ from gpulocker.cli.client import (
 )
 from gpulocker.cli.render import (
     echo,
+    host_heading,
     local_time,
     print_allocations,
     print_grant,
@@ -140,18 +141,6 @@ def status(client: Client, as_json: bool) -> None:
         rows = status_rows([g for g in gpus if g.get("host") == host], me)
         for line in render_table(headers, rows, right=[2, 3, 4]):
             echo("  " + line)
-
-
-def host_heading(host: str, health: dict[str, Any]) -> str:
-    """One host's line above its GPUs: its name and its agent's health."""
-    state = health.get("agent") or "unknown"
-    age = health.get("age_seconds")
-    seen = f", last heartbeat {age:.0f} s ago" if isinstance(age, int | float) else ""
-    line = f"{host}: agent {state}{seen}"
-    if state == "unreachable":
-        line += " (its GPUs are not granted until it is back)"
-        return click.style(line, fg="red", bold=True)
-    return click.style(line, bold=True)
 
 
 def request_options(command: Callable[..., Any]) -> Callable[..., Any]:
