@@ -215,6 +215,7 @@ class Agent:
             log.info("stopping with %d process(es) still being ended", len(self.reaper.pending))
         if self.waker is not None:
             self.waker.close()
+            self.waker = None
         self.backend.close()
 
     # --- sampling

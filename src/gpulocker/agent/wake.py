@@ -21,6 +21,7 @@ import logging
 import os
 import selectors
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,8 @@ class Waker:
         self._pg_retry_at = 0.0
         self.sources: list[str] = []
         self.second_look = False
+        self._closed = False
+        self._lock = threading.Lock()
         try:
             self._inotify = _Inotify()
             self._selector.register(self._inotify.fd, selectors.EVENT_READ, "inotify")
@@ -169,9 +172,13 @@ class Waker:
     # --- waiting
 
     def wake(self) -> None:
-        """Make a `wait` in progress (or the next one) return at once."""
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._write_pipe, b"x")
+        """Make a `wait` in progress (or the next one) return at once. Never after
+        `close` (the pipe's descriptor number may belong to another file by then)."""
+        with self._lock:
+            if self._closed:
+                return
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._write_pipe, b"x")
 
     def wait(self, timeout: float) -> bool:
         """Sleep until something may have changed (True) or `timeout` passes (False)."""
@@ -226,6 +233,11 @@ class Waker:
         return any(n.payload in ("", self.host) for n in notes)
 
     def close(self) -> None:
+        """Release the connection, the inotify and the pipe (safe to call twice)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._drop_pg()
         if self._inotify is not None:
             self._inotify.close()
