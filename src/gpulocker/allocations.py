@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gpulocker import cudaline, events, inventory, limits, lockouts, maintenance
+from gpulocker import hosts as gpu_hosts
 from gpulocker.config import Settings
 from gpulocker.db import Database
 from gpulocker.errors import (
@@ -57,7 +58,9 @@ def request(
     # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
     for _attempt in range(64):
         try:
-            with db.transaction() as session:
+            # Requests take turns: a waiter starts the moment the one before commits, and
+            # then sees what it took (no lost race to retry, no busy-handler sleeps).
+            with db.serialized("allocate") as session:
                 granted = _grant(session, settings, actor, user, gpu_type, count, hours, gpu_ids)
             return granted
         except IntegrityError:
@@ -173,7 +176,9 @@ def _choose(
     session: Session, settings: Settings, gpu_type: str, count: int, gpu_ids: Sequence[int] | None
 ) -> list[Gpu]:
     """Pick free GPUs, all on one host (this host first), or refuse saying how many are free."""
-    free = inventory.free_gpus(session, gpu_type)
+    silent = gpu_hosts.silent_hosts(session, settings)
+    free = [g for g in inventory.free_gpus(session, gpu_type) if g.host not in silent]
+    note = gpu_hosts.silence_note(silent, settings)
     by_host: dict[str, list[Gpu]] = {}
     for gpu in free:
         by_host.setdefault(gpu.host, []).append(gpu)
@@ -187,7 +192,8 @@ def _choose(
         free_ids = sorted(g.gpu_id for g in free if g.gpu_id in wanted)
         busy = sorted(wanted - set(free_ids))
         raise NotEnoughGPUs(
-            f"GPU(s) {busy} of type {gpu_type!r} are not free ({len(free)} {gpu_type} GPU(s) free)",
+            f"GPU(s) {busy} of type {gpu_type!r} are not free "
+            f"({len(free)} {gpu_type} GPU(s) free{note})",
             free=len(free),
         )
     for host in hosts:
@@ -195,11 +201,12 @@ def _choose(
             return by_host[host][:count]
     if len(free) >= count:
         raise NotEnoughGPUs(
-            f"{len(free)} {gpu_type} GPU(s) are free but not {count} on one host",
+            f"{len(free)} {gpu_type} GPU(s) are free but not {count} on one host{note}",
             free=len(free),
         )
     raise NotEnoughGPUs(
-        f"not enough free {gpu_type} GPUs: asked for {count}, {len(free)} free", free=len(free)
+        f"not enough free {gpu_type} GPUs: asked for {count}, {len(free)} free{note}",
+        free=len(free),
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from gpulocker import changes
 from gpulocker.models import Event, utcnow
 
 log = logging.getLogger("gpulocker.events")
@@ -40,6 +41,7 @@ def record(
         data=data,
     )
     session.add(event)
+    changes.mark(session, host)
     log.info("%s by %s: %s", kind, actor, message)
     return event
 

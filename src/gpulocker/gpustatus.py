@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from gpulocker import inventory, live, maintenance
+from gpulocker import hosts, inventory, live, maintenance
 from gpulocker.context import Context
 from gpulocker.models import ACTIVE, Allocation, Gpu, utcnow
 
@@ -30,14 +30,23 @@ def snapshot(ctx: Context, with_users: bool = True) -> dict[str, Any]:
             for a in session.scalars(select(Allocation).where(Allocation.state == ACTIVE))
         }
         in_maintenance = maintenance.enabled(session)
+        by_host = hosts.health(session, ctx.settings)
     rows = [
         gpu_row(gpu, samples.get((gpu.host, gpu.gpu_id)), holders.get((gpu.host, gpu.gpu_id)))
         for gpu in gpus
     ]
+    for row in rows:
+        known = by_host.get(row["host"])
+        row["reachable"] = known is None or not known.silent
     if not with_users:  # anonymous: metrics only, nothing about who holds what until when
         for row in rows:
             row.update(holder=None, processes=[], allocation_id=None, expires_at=None)
-    return {"at": utcnow().isoformat(), "maintenance": in_maintenance, "gpus": rows}
+    return {
+        "at": utcnow().isoformat(),
+        "maintenance": in_maintenance,
+        "gpus": rows,
+        "hosts": [h.to_dict() for h in by_host.values()],
+    }
 
 
 def gpu_row(gpu: Gpu, sample: dict[str, Any] | None, holder: Allocation | None) -> dict[str, Any]:

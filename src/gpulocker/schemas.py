@@ -123,12 +123,20 @@ class GpuStatusRow(Out):
     allocation_id: int | None = Field(description="null for anonymous callers")
     expires_at: Timestamp | None = Field(description="null for anonymous callers")
     processes: list[GpuProcessOut] = Field(description="empty for anonymous callers")
+    reachable: bool = Field(description="false: its host's agent is silent, not granted")
+
+
+class HostOut(Out):
+    host: str
+    agent: str = Field(description="ok, unreachable (silent for AGENT_STALE_SECONDS) or unknown")
+    age_seconds: float | None = Field(description="since the agent's last heartbeat")
 
 
 class GpuStatus(Out):
     at: Timestamp
     maintenance: bool
     gpus: list[GpuStatusRow]
+    hosts: list[HostOut]
 
 
 class HistoryQuery(Query):

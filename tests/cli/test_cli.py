@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from gpulocker.cli.render import duration, staleness_note, time_left
 from gpulocker.context import Context
 from gpulocker.db import Database, upgrade
 from gpulocker.gpus.simulated import SimulatedBackend, write_load
-from gpulocker.models import ACTIVE, RELEASED, Allocation, Notification
+from gpulocker.models import ACTIVE, RELEASED, Allocation, Notification, utcnow
 from tests.helpers import (
     ADMIN,
     ALICE,
@@ -520,3 +520,28 @@ def test_gpulocker_agent_serves_the_commands_end_to_end(
         agent.wait(timeout=30)
         log.close()
     assert not sock.exists()  # the agent removes its socket when it stops
+
+
+def test_status_groups_gpus_by_host_with_each_agents_health(
+    runner: CliRunner, ctx: Context
+) -> None:
+    """A second host whose agent went silent: each host under its own heading."""
+    from gpulocker import heartbeat
+    from gpulocker.gpus import GpuInfo
+    from gpulocker.inventory import TypedGpu, register
+    from gpulocker.models import Heartbeat
+
+    with ctx.db.transaction() as session:
+        register(session, "gpu-far", [TypedGpu(GpuInfo(0, "far", 0, "/dev/nvidia0", 1), "4090")])
+        heartbeat.beat(session, heartbeat.agent_name(ctx.settings.gpu_host), {})
+        session.add(Heartbeat(name="agent:gpu-far", at=utcnow() - timedelta(seconds=600)))
+    table = invoke(runner, "status").stdout
+    lines = table.splitlines()
+    here = next(i for i, line in enumerate(lines) if line.startswith(ctx.settings.gpu_host))
+    far = next(i for i, line in enumerate(lines) if line.startswith("gpu-far"))
+    assert "agent ok" in lines[here]
+    assert "agent unreachable" in lines[far] and "not granted" in lines[far]
+    assert lines[far + 1].split()[0] == "GPU" and lines[far + 2].split()[:2] == ["0", "4090"]
+    assert far < here  # hosts by name
+    mine = [line for line in lines[here + 1 :] if line.startswith("  ") and "4090" in line]
+    assert len(mine) == 4

@@ -234,6 +234,27 @@ def test_it_shows_the_schedule_with_mine_marked(
     assert "vendor/uplot/uPlot.iife.min.js" in html and 'data-refresh="2.0"' in html
 
 
+def test_the_schedule_groups_gpus_by_host_with_each_agents_health(
+    app: Flask, ctx: Context, users: dict[str, TestUser]
+) -> None:
+    from datetime import timedelta
+
+    from gpulocker.gpus import GpuInfo
+    from gpulocker.inventory import TypedGpu, register
+    from gpulocker.models import Heartbeat, utcnow
+
+    with ctx.db.transaction() as session:
+        register(session, "gpu-far", [TypedGpu(GpuInfo(0, "far", 0, "/dev/nvidia0", 1), "4090")])
+        session.add(Heartbeat(name="agent:gpu-far", at=utcnow() - timedelta(seconds=600)))
+    html = sign_in(app, users[ALICE]).get("/schedule").get_data(as_text=True)
+    far = html.index('data-host-group="gpu-far"')
+    here = html.index('data-host-group="testhost"')
+    assert html.count("data-host-group=") == 2 and far < here
+    assert "agent unreachable" in html[far:here] and 'data-gpu="gpu-far/0"' in html[far:here]
+    assert html[here:].count('class="card gpu') == 6 and "agent unknown" in html[here:]
+    assert 'id="gpu-grid"' in html  # schedule.js still finds every card
+
+
 def test_it_escapes_scripts_in_notifications_and_admin_messages(
     app: Flask, ctx: Context, users: dict[str, TestUser]
 ) -> None:

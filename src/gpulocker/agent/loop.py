@@ -5,10 +5,12 @@ This module is the loop: timing, the stop flag, change detection and the steps. 
 own steps are sample, reconcile and reap; the others come from `default_steps()` (the step
 contract is `agent/steps.py`). What reconcile does is `agent/reconcile.py`.
 
-Reconcile runs every RECONCILE_SECONDS, and within the 0.2 s poll when the events table
-changes (every grant and release records an event) or a device file's inode change time
-moves (chmod, setfacl, a re-created file), so a grant reaches the file, and drift is
-undone, well within a second, with or without Redis.
+Reconcile runs every RECONCILE_SECONDS, and at once when the events table changes (every
+grant and release records an event) or a device file's inode change time moves (chmod,
+setfacl, a re-created file): `run` sleeps in `agent/wake.py`, which a committed change
+(pg_notify / inotify on SQLite's log) or a touched device file wakes; the change check
+then runs every 5 s only as a backstop. Without a waker (tests calling `tick()`, inotify
+missing) it is the 0.2 s poll.
 
 Embedding (`gpulocker serve`): `agent, stop, thread = start_in_thread(ctx)` runs the agent
 in a daemon thread; `stop.set(); thread.join()` ends it.
@@ -26,9 +28,10 @@ from typing import Any
 from sqlalchemy import func, select
 
 from gpulocker import events, inventory, live
-from gpulocker.agent import access, localapi
+from gpulocker.agent import access, localapi, wake
 from gpulocker.agent.reconcile import DB_ERRORS, Holding, Plan, Reconciler
 from gpulocker.agent.steps import AgentStep, FunctionStep, HeartbeatStep, StepView
+from gpulocker.agent.wake import Waker
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.gpus import GpuBackend, GpuSample, make_backend
@@ -83,6 +86,7 @@ class Agent:
         self.samples: dict[int, GpuSample] = {}
         self.reaper = access.Reaper(self.settings.kill_grace_seconds)
         self.reconciler = Reconciler(ctx, self.host, self.gpus, self.reaper)
+        self.waker: Waker | None = None  # set by run(): changes wake the loop (agent/wake.py)
         self.steps = steps if steps is not None else self.own_steps() + default_steps()
         self.registered = False
         self.started = False
@@ -97,9 +101,16 @@ class Agent:
         """The loop's own steps: read the GPUs, reconcile when due, finish revokes."""
         return [
             FunctionStep("sample", lambda view: self.sample(), _sample_every),
-            FunctionStep("reconcile", lambda view: self.reconcile_if_due(), _poll_every),
-            FunctionStep("reap", lambda view: self.finish_revokes(), _poll_every),
+            FunctionStep("reconcile", lambda view: self.reconcile_if_due(), self._check_every),
+            FunctionStep("reap", lambda view: self.finish_revokes(), self._reap_every),
         ]
+
+    def _check_every(self, settings: Settings) -> float:
+        """The change check: every 0.2 s poll, or a 5 s backstop when changes wake us."""
+        return wake.backstop_seconds(settings) if self.waker else POLL_SECONDS
+
+    def _reap_every(self, settings: Settings) -> float:
+        return wake.REAP_SECONDS if self.waker else POLL_SECONDS
 
     def step(self, name: str) -> AgentStep:
         """The step called `name` (KeyError if there is none)."""
@@ -167,10 +178,16 @@ class Agent:
         log.info(
             "agent on %s: %d GPU(s) managed (%s)", self.host, len(self.gpus), self.backend.name
         )
+        self.waker = wake.start(self)
+        if self.waker is not None:
+            threading.Thread(target=_wake_on_stop, args=(stop, self.waker), daemon=True).start()
         try:
             while not stop.is_set():
                 self.tick()
-                stop.wait(self._sleep_seconds())
+                if self.waker is None:
+                    stop.wait(self._sleep_seconds())
+                else:
+                    wake.sleep(self, stop)
         finally:
             self.close()
             log.info("agent on %s stopped", self.host)
@@ -181,11 +198,24 @@ class Agent:
         wait = min(self._due.values()) - time.monotonic()
         return min(max(wait, 0.01), POLL_SECONDS)
 
+    def seconds_to_next_step(self) -> float:
+        """How long until a step is due (for a sleep that a change may cut short)."""
+        if not self._due:
+            return 0.0
+        return max(min(self._due.values()) - time.monotonic(), 0.0)
+
+    def run_soon(self, step: str, delay: float = 0.0) -> None:
+        """Make step `step` due within `delay` seconds (a change woke the agent)."""
+        self._due[step] = min(self._due.get(step, 0.0), time.monotonic() + delay)
+
     def close(self) -> None:
         """Release the GPU backend. Processes still being ended are ended again after a
         restart (their allocations keep access_removed_at empty until then)."""
         if self.reaper.pending:
             log.info("stopping with %d process(es) still being ended", len(self.reaper.pending))
+        if self.waker is not None:
+            self.waker.close()
+            self.waker = None
         self.backend.close()
 
     # --- sampling
@@ -295,6 +325,11 @@ class Agent:
             "reconciled_at": self.reconciled_at,
             "revoking": len(self.revoking),
         }
+
+
+def _wake_on_stop(stop: threading.Event, waker: Waker) -> None:
+    stop.wait()
+    waker.wake()
 
 
 def _sample_every(settings: Settings) -> float:

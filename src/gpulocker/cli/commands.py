@@ -30,6 +30,7 @@ from gpulocker.cli.client import (
 )
 from gpulocker.cli.render import (
     echo,
+    host_heading,
     local_time,
     print_allocations,
     print_grant,
@@ -129,8 +130,17 @@ def status(client: Client, as_json: bool) -> None:
         "LEFT",
         "PROCESSES (user:pid:mem)",
     ]
-    for line in render_table(headers, status_rows(gpus, me), right=[2, 3, 4]):
-        echo(line)
+    hosts = {g.get("host") for g in gpus}
+    if len(hosts) <= 1:
+        for line in render_table(headers, status_rows(gpus, me), right=[2, 3, 4]):
+            echo(line)
+        return
+    health = {h.get("host"): h for h in answer.get("hosts", []) if isinstance(h, dict)}
+    for host in sorted(hosts, key=str):
+        echo(host_heading(str(host), health.get(host, {})))
+        rows = status_rows([g for g in gpus if g.get("host") == host], me)
+        for line in render_table(headers, rows, right=[2, 3, 4]):
+            echo("  " + line)
 
 
 def request_options(command: Callable[..., Any]) -> Callable[..., Any]:

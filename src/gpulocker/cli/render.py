@@ -226,3 +226,15 @@ def print_grant(answer: dict[str, Any]) -> None:
     except cudaline.BadCudaLine as exc:  # never hand a shell what the server made up
         raise click.ClickException(f"the server's answer cannot be used: {exc}") from None
     click.echo(line)
+
+
+def host_heading(host: str, health: dict[str, Any]) -> str:
+    """One host's line above its GPUs: its name and its agent's health."""
+    state = health.get("agent") or "unknown"
+    age = health.get("age_seconds")
+    seen = f", last heartbeat {age:.0f} s ago" if isinstance(age, int | float) else ""
+    line = f"{host}: agent {state}{seen}"
+    if state == "unreachable":
+        line += " (its GPUs are not granted until it is back)"
+        return click.style(line, fg="red", bold=True)
+    return click.style(line, bold=True)

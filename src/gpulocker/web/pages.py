@@ -212,6 +212,7 @@ def schedule() -> Page:
         "schedule.html",
         gpus=gpus,
         multi_host=len({g["host"] for g in gpus}) > 1,
+        hosts={h["host"]: h for h in snapshot.get("hosts", [])},
         snapshot_time=utcnow().strftime("%H:%M:%S UTC"),
     )
 

@@ -1,0 +1,287 @@
+"""What wakes the agent between its periodic steps (SPEC §10): a change, at once.
+
+- PostgreSQL: a connection that LISTENs on `changes.CHANNEL`; every committed change
+  notifies it (`gpulocker.changes`), from any host.
+- SQLite: inotify on the database's write-ahead log (every writer shares this host), so a
+  commit by the web server, the local socket or a CLI command wakes the agent.
+- Device files: inotify IN_ATTRIB on each managed file, so a chmod or setfacl by someone
+  else is undone at once; IN_DELETE_SELF/IN_MOVE_SELF when the file is replaced.
+
+`wait(timeout)` blocks in one `select` on all of these (and a pipe `wake()` writes to,
+used to stop), so an idle agent sleeps. Whatever fails here only costs latency: the
+caller still runs its change check and reconcile on their periods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import selectors
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from gpulocker.changes import CHANNEL
+
+log = logging.getLogger(__name__)
+
+IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
+IN_CLOSE_WRITE = 0x008
+IN_CREATE = 0x100
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+_EVENT = struct.Struct("iIII")
+RECONNECT_SECONDS = 5.0
+
+
+class _Inotify:
+    """The few inotify calls the agent needs (no dependency beyond libc)."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.fd = fd
+
+    def add(self, path: str, mask: int) -> int:
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+        if wd < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
+        return int(wd)
+
+    def drain(self) -> list[tuple[int, int, str]]:
+        """(watch, mask, name) of every pending event."""
+        found: list[tuple[int, int, str]] = []
+        while True:
+            try:
+                data = os.read(self.fd, 64 * 1024)
+            except BlockingIOError:
+                return found
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                start = offset + _EVENT.size
+                name = data[start : start + length].rstrip(b"\0").decode(errors="replace")
+                found.append((wd, mask, name))
+                offset = start + length
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Waker:
+    """Blocks until a change may have happened, or a timeout."""
+
+    def __init__(self, database_url: str, host: str) -> None:
+        self.host = host
+        self._url = database_url
+        self._selector = selectors.DefaultSelector()
+        self._read_pipe, self._write_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._read_pipe, selectors.EVENT_READ, "pipe")
+        self._inotify: _Inotify | None = None
+        self._db_watch: int | None = None
+        self._db_names: set[str] = set()
+        self._file_watches: dict[str, int] = {}
+        self._pg: Any = None
+        self._pg_fd = -1
+        self._pg_retry_at = 0.0
+        self.sources: list[str] = []
+        self.second_look = False
+        self._closed = False
+        self._lock = threading.Lock()
+        try:
+            self._inotify = _Inotify()
+            self._selector.register(self._inotify.fd, selectors.EVENT_READ, "inotify")
+        except OSError as exc:
+            log.warning("inotify unavailable (%s); device file drift waits for the poll", exc)
+        url = make_url(database_url)
+        if url.get_backend_name() == "sqlite":
+            self._watch_sqlite(url.database)
+        else:
+            self._connect_pg()
+
+    # --- sources
+
+    def _watch_sqlite(self, database: str | None) -> None:
+        if self._inotify is None or not database or database == ":memory:":
+            return
+        path = Path(database)
+        try:
+            self._db_watch = self._inotify.add(str(path.parent), IN_MODIFY | IN_CLOSE_WRITE)
+        except OSError as exc:
+            log.warning("cannot watch %s (%s); changes wait for the poll", path.parent, exc)
+            return
+        self._db_names = {path.name, f"{path.name}-wal"}
+        self.sources.append("sqlite-inotify")
+
+    def _connect_pg(self) -> None:
+        import psycopg
+
+        url = make_url(self._url).set(drivername="postgresql")
+        try:
+            conn = psycopg.connect(
+                url.render_as_string(hide_password=False), autocommit=True, connect_timeout=5
+            )
+            conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as exc:
+            log.warning("cannot LISTEN for changes (will retry): %s", str(exc).strip())
+            self._pg_retry_at = time.monotonic() + RECONNECT_SECONDS
+            return
+        self._pg = conn
+        self._pg_fd = conn.fileno()  # kept: a lost connection no longer tells its socket
+        self._selector.register(self._pg_fd, selectors.EVENT_READ, "pg")
+        if "pg-listen" not in self.sources:
+            self.sources.append("pg-listen")
+
+    def _drop_pg(self) -> None:
+        if self._pg is None:
+            return
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(self._pg_fd)
+        try:
+            self._pg.close()
+        except Exception as exc:  # a broken connection may fail to close
+            log.debug("closing the LISTEN connection: %s", exc)
+        self._pg = None
+        self._pg_retry_at = time.monotonic() + RECONNECT_SECONDS
+
+    def watch_files(self, paths: list[str]) -> None:
+        """Wake when one of these files' permissions change (re-added when replaced)."""
+        if self._inotify is None:
+            return
+        for path in paths:
+            if path in self._file_watches:
+                continue
+            try:
+                wd = self._inotify.add(path, IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF)
+            except OSError:
+                continue  # missing: the reconcile logs it; retried at the next call
+            self._file_watches[path] = wd
+
+    # --- waiting
+
+    def wake(self) -> None:
+        """Make a `wait` in progress (or the next one) return at once. Never after
+        `close` (the pipe's descriptor number may belong to another file by then)."""
+        with self._lock:
+            if self._closed:
+                return
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._write_pipe, b"x")
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until something may have changed (True) or `timeout` passes (False)."""
+        if self._pg is None and self._pg_retry_at and time.monotonic() >= self._pg_retry_at:
+            self._connect_pg()
+            if self._pg is not None:
+                return True  # changes may have been missed while disconnected
+        woken = False
+        for key, _mask in self._selector.select(max(timeout, 0.0)):
+            source = key.data
+            if source == "pipe":
+                while True:
+                    try:
+                        if not os.read(self._read_pipe, 4096):
+                            break
+                    except BlockingIOError:
+                        break
+                woken = True
+            elif source == "inotify":
+                woken |= self._inotify_events()
+            elif source == "pg":
+                woken |= self._pg_events()
+        return woken
+
+    def _inotify_events(self) -> bool:
+        assert self._inotify is not None
+        woken = False
+        for wd, mask, name in self._inotify.drain():
+            if wd == self._db_watch:
+                woken |= name in self._db_names
+                continue
+            woken = True  # a device file's permissions changed, or it went away
+            if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+                self._file_watches = {p: w for p, w in self._file_watches.items() if w != wd}
+        return woken
+
+    def _pg_events(self) -> bool:
+        import psycopg
+
+        try:
+            notes = list(self._pg.notifies(timeout=0, stop_after=None))
+        except psycopg.Error as exc:
+            log.warning("lost the change notifications (will reconnect): %s", str(exc).strip())
+            self._drop_pg()
+            return True
+        if not notes:  # readable but nothing to read: is the connection still there?
+            try:
+                self._pg.execute("SELECT 1")
+            except psycopg.Error:
+                self._drop_pg()
+                return True
+        return any(n.payload in ("", self.host) for n in notes)
+
+    def close(self) -> None:
+        """Release the connection, the inotify and the pipe (safe to call twice)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._drop_pg()
+        if self._inotify is not None:
+            self._inotify.close()
+        self._selector.close()
+        os.close(self._read_pipe)
+        os.close(self._write_pipe)
+
+
+# --- the agent's side (the agent is passed in; this module does not import the loop)
+
+REAP_SECONDS = 1.0  # how often revokes in progress are polled while nothing wakes the agent
+BACKSTOP_SECONDS = 5.0  # the change check still runs this often, in case a wake was missed
+SECOND_LOOK_SECONDS = 0.05  # a write seen on the SQLite log may become visible a moment later
+
+
+def backstop_seconds(settings: Any) -> float:
+    """The change check's period when changes wake the agent."""
+    return min(BACKSTOP_SECONDS, settings.reconcile_seconds)
+
+
+def start(agent: Any) -> Waker | None:
+    """A waker for this agent's database, or None (the agent then polls as before)."""
+    try:
+        waker = Waker(agent.settings.database_url, agent.host)
+    except OSError as exc:
+        log.warning("no change wake-ups (%s); polling instead", exc)
+        return None
+    log.info("agent wakes on: %s", ", ".join([*waker.sources, "device-file inotify"]))
+    return waker
+
+
+def sleep(agent: Any, stop: Any) -> None:
+    """Sleep until the next step is due or a change wakes the agent (then reconcile next)."""
+    waker: Waker = agent.waker
+    if waker.second_look:
+        waker.second_look = False
+        agent.run_soon("reconcile", SECOND_LOOK_SECONDS)
+    waker.watch_files(list(agent.devices.values()))
+    try:
+        woken = waker.wait(agent.seconds_to_next_step())
+    except Exception:  # the wake-ups only save latency: never let them stop the agent
+        log.exception("waiting for changes failed; polling until the next step")
+        stop.wait(min(agent.seconds_to_next_step(), BACKSTOP_SECONDS))
+        woken = True
+    if woken and not stop.is_set():
+        agent.run_soon("reconcile")
+        waker.second_look = "sqlite-inotify" in waker.sources

@@ -1,0 +1,89 @@
+"""The agent wakes on a change (SPEC §10): a commit reaches the device file at once, with
+the periodic checks set far apart, on SQLite (inotify on the log) and PostgreSQL (LISTEN)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from gpulocker import allocations, changes, events
+from gpulocker.agent import access
+from gpulocker.agent.loop import Agent, start_in_thread
+from gpulocker.config import Settings
+from gpulocker.context import Context
+from gpulocker.gpus.simulated import device_file
+from tests.conftest import needs_root
+from tests.helpers import ALICE, BOB, TestUser, wait_for
+
+pytestmark = needs_root
+
+
+@pytest.fixture
+def slow_settings(settings: Settings) -> Settings:
+    """Full reconciles a minute apart: only a wake-up explains a quick grant."""
+    return settings.with_overrides(reconcile_seconds=60.0)
+
+
+@pytest.fixture
+def woken(slow_settings: Settings, db: object) -> Iterator[Agent]:
+    ctx = Context(slow_settings)
+    agent, stop, thread = start_in_thread(ctx)
+    wait_for(lambda: agent.started and agent.reconciled_at and agent.waker, timeout=10)
+    time.sleep(0.3)  # let the first ticks' own writes settle
+    yield agent
+    stop.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    ctx.close()
+
+
+def _holders(path: str) -> set[str]:
+    return {access.user_label(uid) for uid in access.read(path).users}
+
+
+def test_a_grant_and_a_release_reach_the_file_at_once(
+    woken: Agent, slow_settings: Settings, users: dict[str, TestUser]
+) -> None:
+    assert woken.waker is not None
+    expected = "sqlite-inotify" if woken.ctx.db.is_sqlite else "pg-listen"
+    assert expected in woken.waker.sources
+    ctx = woken.ctx
+    path = str(device_file(slow_settings.device_path, 0))
+    for _round in range(3):
+        began = time.monotonic()
+        (row,) = allocations.request(ctx.db, slow_settings, ALICE, "4090", gpu_ids=[0])
+        wait_for(lambda: ALICE in _holders(path), timeout=2, interval=0.005)
+        granted = time.monotonic() - began
+        allocations.release(ctx.db, slow_settings, ALICE, row.id)
+        wait_for(lambda: ALICE not in _holders(path), timeout=2, interval=0.005)
+        # The backstop check runs every 5 s: well under a second is the wake-up.
+        assert granted < 1.0
+
+
+def test_drift_is_undone_at_once(woken: Agent, slow_settings: Settings, users: object) -> None:
+    path = str(device_file(slow_settings.device_path, 1))
+    subprocess.run(["setfacl", "-m", f"u:{BOB}:rw", path], check=True)
+    began = time.monotonic()
+    wait_for(lambda: BOB not in _holders(path), timeout=2, interval=0.005)
+    assert time.monotonic() - began < 1.0
+
+
+def test_postgres_announces_a_change_only_when_it_commits(ctx: Context) -> None:
+    if ctx.db.is_sqlite:
+        pytest.skip("NOTIFY is PostgreSQL's; SQLite is watched with inotify")
+    url = ctx.db.url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {changes.CHANNEL}")
+        with pytest.raises(RuntimeError), ctx.db.transaction() as session:
+            events.record(session, "test", "root", "rolled back", host="gpu-x")
+            raise RuntimeError("abort")
+        assert list(listener.notifies(timeout=0.3, stop_after=1)) == []
+        with ctx.db.transaction() as session:
+            events.record(session, "test", "root", "kept", host="gpu-x")
+            events.record(session, "test", "root", "kept too", host="gpu-x")
+        notes = list(listener.notifies(timeout=2, stop_after=1))
+        assert [(n.channel, n.payload) for n in notes] == [(changes.CHANNEL, "gpu-x")]
