@@ -8,7 +8,9 @@ contract is `agent/steps.py`). What reconcile does is `agent/reconcile.py`.
 Reconcile runs every RECONCILE_SECONDS, and within the 0.2 s poll when the events table
 changes (every grant and release records an event) or a device file's inode change time
 moves (chmod, setfacl, a re-created file), so a grant reaches the file, and drift is
-undone, well within a second, with or without Redis.
+undone, well within a second, with or without Redis. A device file's change is also
+heard at once by the watch thread (inotify, `agent/watch.py`), which reconciles under
+`reconcile_lock` while the loop may be busy sampling.
 
 Embedding (`gpulocker serve`): `agent, stop, thread = start_in_thread(ctx)` runs the agent
 in a daemon thread; `stop.set(); thread.join()` ends it.
@@ -26,7 +28,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from gpulocker import events, inventory, live
-from gpulocker.agent import access, localapi
+from gpulocker.agent import access, holders, localapi, watch
 from gpulocker.agent.reconcile import DB_ERRORS, Holding, Plan, Reconciler
 from gpulocker.agent.steps import AgentStep, FunctionStep, HeartbeatStep, StepView
 from gpulocker.config import Settings
@@ -92,6 +94,8 @@ class Agent:
         self._seen_token: tuple[int, int] | None = None
         self._event_floor = 0
         self._next_full = 0.0
+        self.watch_restores = 0  # reconciles started by the inotify watch (agent/watch.py)
+        self.reconcile_lock = threading.RLock()  # the loop and the watch thread reconcile
 
     def own_steps(self) -> list[AgentStep]:
         """The loop's own steps: read the GPUs, reconcile when due, finish revokes."""
@@ -167,11 +171,14 @@ class Agent:
         log.info(
             "agent on %s: %d GPU(s) managed (%s)", self.host, len(self.gpus), self.backend.name
         )
+        watcher = watch.start_thread(self, stop)  # restores a changed device file at once
         try:
             while not stop.is_set():
                 self.tick()
                 stop.wait(self._sleep_seconds())
         finally:
+            if watcher is not None:
+                watcher.join(timeout=5)
             self.close()
             log.info("agent on %s stopped", self.host)
 
@@ -196,6 +203,8 @@ class Agent:
             self.register()
         managed = self.devices
         samples = [s for s in self.backend.sample() if s.index in managed]
+        sweep = not getattr(self.backend, "sweeps_descriptors", False)
+        holders.unite(samples, managed, self.settings, sweep=sweep)  # SPEC 13
         self.samples = {s.index: s for s in samples}
         live.publish(self.ctx, self.host, samples)
         self.update_health(samples)
@@ -276,11 +285,13 @@ class Agent:
 
     def reconcile(self) -> bool:
         """Make every managed device file say what the database says (a full pass)."""
-        return self.reconciler.reconcile()
+        with self.reconcile_lock:
+            return self.reconciler.reconcile()
 
     def finish_revokes(self) -> bool:
         """SIGKILL what outlived its grace; finish revokes whose processes are gone."""
-        return self.reconciler.finish_revokes()
+        with self.reconcile_lock:
+            return self.reconciler.finish_revokes()
 
     # --- liveness
 
