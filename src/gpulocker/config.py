@@ -20,6 +20,7 @@ from typing import Any
 
 from dotenv import dotenv_values
 
+from gpulocker import ignored
 from gpulocker.safefs import trusted_file_problem
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -83,6 +84,7 @@ class Settings:
     kill_violators: bool = True
     kill_grace_seconds: float = 5.0
     exempt_users: tuple[str, ...] = ("root", "nvidia-persistenced")
+    ignored_processes: tuple[str, ...] = ignored.DEFAULT  # SPEC 13, gpulocker/ignored.py
     privileged_gpu_access: bool = False
     reconcile_seconds: float = 10.0
     agent_stale_seconds: float = 60.0
@@ -304,6 +306,7 @@ KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "KILL_VIOLATORS": ("kill_violators", _bool),
     "KILL_GRACE_SECONDS": ("kill_grace_seconds", _float()),
     "EXEMPT_USERS": ("exempt_users", _list),
+    "IGNORED_PROCESSES": ("ignored_processes", ignored.setting),
     "PRIVILEGED_GPU_ACCESS": ("privileged_gpu_access", _bool),
     "RECONCILE_SECONDS": ("reconcile_seconds", _float(strictly_positive=True)),
     "AGENT_STALE_SECONDS": ("agent_stale_seconds", _float(strictly_positive=True)),

@@ -119,7 +119,11 @@ def holder_processes(
     taken = datetime.fromisoformat(at) if isinstance(at, str) else at
     if not isinstance(taken, datetime) or now - taken > max_sample_age(settings):
         return None
-    return [p for p in data.get("processes") or [] if p.get("user") == row.user]
+    return [
+        p
+        for p in data.get("processes") or []
+        if p.get("user") == row.user and not p.get("ignored")  # IGNORED_PROCESSES are not work
+    ]
 
 
 def _busy(processes: Sequence[Mapping[str, Any]] | None) -> bool:

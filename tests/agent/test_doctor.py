@@ -147,7 +147,8 @@ def test_it_fails_with_one_line_when_there_is_no_driver(
 @pytest.mark.parametrize(
     ("params", "status", "words"),
     [
-        (NVML_DEFAULTS, WARN, "sets /dev/nvidia* back to mode 0666"),
+        (NVML_DEFAULTS, FAIL, "sets /dev/nvidia* back to mode 0666"),
+        (NVML_DEFAULTS.replace("438", "384"), FAIL, "sets /dev/nvidia* back to mode 0600"),
         (NVML_DEFAULTS.replace("438", "432"), OK, "keeps device files at mode 0660"),
         (NVML_DEFAULTS.replace("ModifyDeviceFiles: 1", "ModifyDeviceFiles: 0"), OK, "leaves"),
     ],
@@ -158,16 +159,16 @@ def test_it_reads_the_drivers_device_file_options(
     host.nvidia_params.write_text(params)
     [check] = doctor.check_driver_options(real_gpus(tmp_path), host)
     assert check.status == status and words in check.message
-    if status == WARN:
+    if status == FAIL:
         assert "NVreg_DeviceFileMode=0660" in check.fix and "NVreg_ModifyDeviceFiles=0" in check.fix
 
 
-def test_it_warns_about_device_files_given_to_a_user(host: HostPaths, tmp_path: Path) -> None:
+def test_it_fails_on_device_files_given_to_a_user(host: HostPaths, tmp_path: Path) -> None:
     host.nvidia_params.write_text(
         NVML_DEFAULTS.replace("UID: 0", "UID: 1000").replace("438", "432")
     )
     checks = doctor.check_driver_options(real_gpus(tmp_path), host)
-    assert [c.status for c in checks] == [OK, WARN]
+    assert [c.status for c in checks] == [OK, FAIL]
     assert "uid 1000" in checks[1].message
 
 
@@ -345,3 +346,49 @@ def test_it_warns_when_the_database_servers_clock_disagrees(
         checks = doctor.check_clock(settings)
     [skew] = [c for c in checks if "database server" in c.message]
     assert skew.status == WARN and "-120 s" in skew.message
+
+
+def test_fix_writes_the_modprobe_lines_after_asking(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str
+) -> None:
+    fake_pynvml.install(monkeypatch, machines.lab())
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    params = root / "proc/driver/nvidia/params"
+    params.parent.mkdir(parents=True)
+    params.write_text(NVML_DEFAULTS)  # the driver's defaults: it resets files to 0666
+    (root / "etc/modprobe.d").mkdir(parents=True)
+    conf = root / "etc/modprobe.d/gpulocker.conf"
+    env = {
+        "STATE_DIR": str(tmp_path / "state"),
+        "DATABASE_URL": database_url,
+        "GPU_HOST": TEST_HOST,
+        "GPU_BACKEND": "nvml",
+        "DEVICE_DIR": str(tmp_path / "dev"),
+    }
+    args = ["doctor", "--root", str(root), "--fix"]
+    line = "options nvidia NVreg_DeviceFileMode=0660 NVreg_DeviceFileUID=0 NVreg_DeviceFileGID=0"
+
+    refused = CliRunner().invoke(main, args, env=env, input="n\n")
+    assert refused.exit_code == 1
+    assert any(x.startswith("fail  device files") for x in refused.output.splitlines())
+    assert line in refused.output and "write " in refused.output
+    assert not conf.exists()  # asked, answered no
+
+    # A link planted at the target is replaced, never followed.
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    conf.symlink_to(victim)
+    done = CliRunner().invoke(main, args, env=env, input="y\n")
+    assert f"wrote {conf}" in done.output, done.output
+    assert victim.read_text() == "keep\n" and not conf.is_symlink()
+    assert line in conf.read_text().splitlines()
+    assert conf.stat().st_mode & 0o777 == 0o644
+
+    conf.unlink()
+    scripted = CliRunner().invoke(main, [*args, "--yes"], env=env)
+    assert "write " not in scripted.output.split("wrote")[0].splitlines()[-1]
+    assert line in conf.read_text()
+    params.write_text(NVML_DEFAULTS.replace("438", "432"))  # fixed and rebooted: nothing to do
+    after = CliRunner().invoke(main, args, env=env, input="y\n")
+    assert "should say" not in after.output

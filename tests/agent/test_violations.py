@@ -58,7 +58,7 @@ def test_it_kills_and_locks_out_a_violator_and_spares_holders_and_exempt_users(
     ctx = Context(settings)
     agent = Agent(ctx)
     agent.tick()
-    assert violator.wait(timeout=5) == -signal.SIGTERM
+    assert violator.wait(timeout=5) == -signal.SIGKILL
     agent.tick(force=True)
     assert holder.poll() is None and exempt.poll() is None
 

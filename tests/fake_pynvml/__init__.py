@@ -105,6 +105,7 @@ class FakeGpu:
     mig: bool | None = None  # None: the GPU has no MIG (NotSupported)
     processes: list[tuple[int, int | None]] = field(default_factory=list)  # (pid, MiB)
     graphics: list[tuple[int, int | None]] = field(default_factory=list)
+    mps: list[tuple[int, int | None]] = field(default_factory=list)
     lost: bool = False
     lost_handle: bool = False
     handle_error: int | None = None  # e.g. NVML_ERROR_NO_PERMISSION from GetHandleByIndex
@@ -272,6 +273,11 @@ def nvmlDeviceGetComputeRunningProcesses(handle: _Handle) -> list[_Process]:
 def nvmlDeviceGetGraphicsRunningProcesses(handle: _Handle) -> list[_Process]:
     _count("nvmlDeviceGetGraphicsRunningProcesses")
     return _processes(_gpu(handle).graphics)
+
+
+def nvmlDeviceGetMPSComputeRunningProcesses(handle: _Handle) -> list[_Process]:
+    _count("nvmlDeviceGetMPSComputeRunningProcesses")
+    return _processes(_gpu(handle).mps)
 
 
 def use(new_machine: Machine) -> types.ModuleType:

@@ -11,7 +11,8 @@ call (pylibacl), never through a shell, so a crash can never leave half an ACL.
 callers pass only managed device files.
 
 An open file descriptor outlives an ACL, so revoking also ends processes: `Reaper`
-sends SIGTERM and, after KILL_GRACE_SECONDS, SIGKILL to whatever is still alive. It never
+sends SIGTERM and, after KILL_GRACE_SECONDS, SIGKILL to whatever is still alive (a
+violator gets `Reaper.kill`: SIGKILL at once). It never
 blocks: the agent polls it every tick.
 """
 
@@ -22,6 +23,7 @@ import os
 import pwd
 import signal
 import stat
+import threading
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
@@ -216,9 +218,15 @@ class Reaper:
 
     grace: float
     pending: dict[int, _Doomed] = field(default_factory=dict)
+    # The loop (violations, reap) and the watch thread (a reconcile's revoke) share it.
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def terminate(self, pids: Iterable[int]) -> list[int]:
         """Send SIGTERM to each pid (never to this process or pid 1); returns those signalled."""
+        with self._lock:
+            return self._terminate(pids)
+
+    def _terminate(self, pids: Iterable[int]) -> list[int]:
         signalled = []
         for pid in pids:
             if pid in (0, 1, os.getpid()) or pid in self.pending:
@@ -233,9 +241,34 @@ class Reaper:
             signalled.append(pid)
         return signalled
 
+    def kill(self, pids: Iterable[int]) -> list[int]:
+        """SIGKILL each pid now (violators get no grace); returns those signalled. They are
+        tracked like the others until gone."""
+        with self._lock:
+            return self._kill(pids)
+
+    def _kill(self, pids: Iterable[int]) -> list[int]:
+        signalled = []
+        for pid in pids:
+            if pid in (0, 1, os.getpid()):
+                continue
+            try:
+                process = self.pending[pid].process if pid in self.pending else psutil.Process(pid)
+                process.send_signal(signal.SIGKILL)
+            except (psutil.NoSuchProcess, psutil.AccessDenied) as exc:
+                log.info("could not SIGKILL pid %s: %s", pid, exc)
+                continue
+            self.pending[pid] = _Doomed(process, time.monotonic(), killed=True)
+            signalled.append(pid)
+        return signalled
+
     def poll(self) -> bool:
         """SIGKILL the processes whose grace is over; drop the ones that are gone.
         True when something was signalled or found gone."""
+        with self._lock:
+            return self._poll()
+
+    def _poll(self) -> bool:
         now = time.monotonic()
         worked = False
         for pid, doomed in list(self.pending.items()):

@@ -11,6 +11,8 @@ setfacl, a re-created file): `run` sleeps in `agent/wake.py`, which a committed 
 (pg_notify / inotify on SQLite's log) or a touched device file wakes; the change check
 then runs every 5 s only as a backstop. Without a waker (tests calling `tick()`, inotify
 missing) it is the 0.2 s poll.
+A device file's change is also heard by the watch thread (inotify, `agent/watch.py`),
+which reconciles at once under `reconcile_lock` while the loop may be busy sampling.
 
 Embedding (`gpulocker serve`): `agent, stop, thread = start_in_thread(ctx)` runs the agent
 in a daemon thread; `stop.set(); thread.join()` ends it.
@@ -28,7 +30,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from gpulocker import events, inventory, live
-from gpulocker.agent import access, localapi, wake
+from gpulocker.agent import access, holders, localapi, wake, watch
 from gpulocker.agent.reconcile import DB_ERRORS, Holding, Plan, Reconciler
 from gpulocker.agent.steps import AgentStep, FunctionStep, HeartbeatStep, StepView
 from gpulocker.agent.wake import Waker
@@ -96,6 +98,8 @@ class Agent:
         self._seen_token: tuple[int, int] | None = None
         self._event_floor = 0
         self._next_full = 0.0
+        self.watch_restores = 0  # reconciles started by the inotify watch (agent/watch.py)
+        self.reconcile_lock = threading.RLock()  # the loop and the watch thread reconcile
 
     def own_steps(self) -> list[AgentStep]:
         """The loop's own steps: read the GPUs, reconcile when due, finish revokes."""
@@ -181,6 +185,7 @@ class Agent:
         self.waker = wake.start(self)
         if self.waker is not None:
             threading.Thread(target=_wake_on_stop, args=(stop, self.waker), daemon=True).start()
+        watcher = watch.start_thread(self, stop)  # restores a changed device file at once
         try:
             while not stop.is_set():
                 self.tick()
@@ -189,6 +194,8 @@ class Agent:
                 else:
                     wake.sleep(self, stop)
         finally:
+            if watcher is not None:
+                watcher.join(timeout=5)
             self.close()
             log.info("agent on %s stopped", self.host)
 
@@ -226,6 +233,8 @@ class Agent:
             self.register()
         managed = self.devices
         samples = [s for s in self.backend.sample() if s.index in managed]
+        sweep = not getattr(self.backend, "sweeps_descriptors", False)
+        holders.unite(samples, managed, self.settings, sweep=sweep)  # SPEC 13
         self.samples = {s.index: s for s in samples}
         live.publish(self.ctx, self.host, samples)
         self.update_health(samples)
@@ -306,11 +315,13 @@ class Agent:
 
     def reconcile(self) -> bool:
         """Make every managed device file say what the database says (a full pass)."""
-        return self.reconciler.reconcile()
+        with self.reconcile_lock:
+            return self.reconciler.reconcile()
 
     def finish_revokes(self) -> bool:
         """SIGKILL what outlived its grace; finish revokes whose processes are gone."""
-        return self.reconciler.finish_revokes()
+        with self.reconcile_lock:
+            return self.reconciler.finish_revokes()
 
     # --- liveness
 

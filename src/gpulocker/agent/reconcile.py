@@ -23,8 +23,9 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from gpulocker import allocations, events, procfs
+from gpulocker import allocations, events
 from gpulocker.agent import access
+from gpulocker.agent import holders as gpu_holders
 from gpulocker.agent.drift import DriftLimiter
 from gpulocker.context import Context
 from gpulocker.inventory import TypedGpu
@@ -216,8 +217,7 @@ class Reconciler:
         uid = access.user_uid(holding.user)
         pids: list[int] = []
         if uid is not None and uid not in want:
-            held = procfs.holders([path]).get(path, [])
-            pids = self.reaper.terminate(h.pid for h in held if h.uid == uid)
+            pids = self.reaper.terminate(gpu_holders.holding(path, uid))  # by what they hold
             if pids:
                 log.info("revoke of allocation %s: SIGTERM to %s", holding.allocation_id, pids)
         self.revoking[holding.allocation_id] = (holding, pids)

@@ -6,6 +6,10 @@ being removed (their processes are already being ended by the revoke), the exemp
 event is recorded, their processes are ended (KILL_VIOLATORS), they are locked out for
 USER_LOCKOUT_HOURS and they and the admins are told. A process is punished once.
 
+The processes are the sample's, which `agent.holders` made from the backend's lists and
+the descriptor sweep (a process that only holds the device file open is one). Violators
+get SIGKILL at once; IGNORED_PROCESSES matches are never suspects.
+
 When the database cannot be read nothing is punished: not knowing who holds a GPU is
 never a reason to kill.
 """
@@ -74,6 +78,8 @@ def suspects(
         names = allowed.get(gpu_id, set()) | exempt_users
         uids = {uid for uid in map(access.user_uid, names) if uid is not None}
         for proc in sample.processes:
+            if proc.ignored:  # IGNORED_PROCESSES: never a violator (SPEC 13)
+                continue
             if proc.user in names or (proc.uid is not None and proc.uid in uids):
                 continue
             if proc.uid is not None and procfs.known_name(proc.uid) is None:
@@ -158,7 +164,7 @@ class ViolationsStep:
         pids = [s.pid for s in found]
         log.warning("violation by %s on %s: pids %s", user, view.host, pids)
         if killed:
-            view.reaper.terminate(pids)
+            view.reaper.kill(pids)  # at once: a violator gets no grace (SPEC 13)
         with view.ctx.db.transaction() as session:
             record(session, view.settings, view.host, user, found, killed)
         for suspect in found:

@@ -103,13 +103,24 @@ def sim_load(gpu_id: int, util: float, mem_mib: float, error: str | None) -> Non
 
 @main.command("doctor")
 @click.option("--simulate", default=None, help="check as for simulated GPUs, e.g. '{\"4090\": 2}'")
+@click.option("--fix", is_flag=True, help="write /etc/modprobe.d/gpulocker.conf when needed")
+@click.option("--yes", is_flag=True, help="with --fix: do not ask")
+@click.option("--root", default="/", hidden=True, help="read the host files below this folder")
 @handle_errors
-def doctor_command(simulate: str | None) -> None:
+def doctor_command(simulate: str | None, fix: bool, yes: bool, root: str) -> None:
     """Check this host (driver, device files, ACLs, PAM, database, Redis, agent, clock)."""
     from gpulocker.agent import doctor
 
-    checks = doctor.run_checks(settings_from_env(simulate))
+    paths = doctor.HostPaths.under(Path(root))
+    checks = doctor.run_checks(settings_from_env(simulate), paths)
     click.echo(doctor.render(checks))
+    if doctor.needs_modprobe_fix(checks):
+        target = paths.modprobe_dir / "gpulocker.conf"
+        click.echo(f"\nthe driver must not reset the device files; {target} should say:\n")
+        click.echo(doctor.modprobe_text())
+        if fix and (yes or click.confirm(f"write {target}?", default=False)):
+            written = doctor.write_modprobe(paths)
+            click.echo(f"wrote {written}; run `update-initramfs -u` and reboot to apply it")
     sys.exit(doctor.exit_status(checks))
 
 

@@ -38,13 +38,15 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class GpuProcess:
-    """A process using a GPU, with its real owner."""
+    """A process using a GPU, with its real owner. `ignored`: an IGNORED_PROCESSES match
+    (shown, never a violation, never a holder's activity)."""
 
     pid: int
     uid: int | None
     user: str
     memory_mib: float = 0.0
     name: str = ""
+    ignored: bool = False
 
 
 @dataclass

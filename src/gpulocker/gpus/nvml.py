@@ -168,13 +168,18 @@ class NvmlBackend:
         )
 
     def _processes(self, handle: Any) -> list[GpuProcess]:
-        """Compute and graphics processes, once each, with their owner from /proc."""
+        """Compute, graphics and MPS client processes, once each, with their owner from /proc
+        (an nvidia-ml-py without the MPS call is read without it)."""
         nvml = self._nvml
         found: dict[int, float] = {}
-        for query in (
+        queries = [
             nvml.nvmlDeviceGetComputeRunningProcesses,
             nvml.nvmlDeviceGetGraphicsRunningProcesses,
-        ):
+        ]
+        mps = getattr(nvml, "nvmlDeviceGetMPSComputeRunningProcesses", None)
+        if mps is not None:
+            queries.append(mps)
+        for query in queries:
             for proc in self._field(lambda q=query: q(handle)) or []:  # type: ignore[misc]
                 used = proc.usedGpuMemory
                 mib = used / MIB if used is not None else 0.0

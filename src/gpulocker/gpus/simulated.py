@@ -2,7 +2,7 @@
 
 The file is created 0666 when missing (as the NVIDIA driver does), so ACL enforcement
 is exercised on a real file. A GPU's processes are the real processes that hold its file
-open. Load comes from `nvidia<id>.load` beside it: `{"utilization": 80, "memory_mib":
+open, found by the file's inode whatever path they opened it by. Load comes from `nvidia<id>.load` beside it: `{"utilization": 80, "memory_mib":
 10240}`, or `{"error": "GPU is lost"}` for a failed GPU.
 """
 
@@ -86,6 +86,7 @@ class SimulatedBackend:
     """GPUs from GPU_CONFIG (type -> ids), as files under DEVICE_DIR."""
 
     name = "simulated"
+    sweeps_descriptors = True  # its processes already are the descriptor sweep
 
     def __init__(
         self, gpu_config: dict[str, list[int]], device_dir: Path, host: str | None = None
@@ -123,7 +124,7 @@ class SimulatedBackend:
         """Read every load file and find the processes holding each device file."""
         now = utcnow()
         gpus = self.inventory()
-        held = procfs.holders(g.device for g in gpus)
+        held = procfs.holders_by_device(g.device for g in gpus)
         return [self._sample_one(g, held.get(g.device, []), now) for g in gpus]
 
     def _sample_one(

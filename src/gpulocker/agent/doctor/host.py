@@ -1,11 +1,4 @@
-"""`gpulocker doctor`: is this host ready to enforce GPU access? Each check says ok, warn or
-fail, and what to do about anything that is not ok.
-
-The checks read the host as it is (the driver's options, the filesystem under DEVICE_DIR,
-PAM, the database, Redis, the agent's heartbeat, the docker group, the clock) and change
-nothing, except a temporary file in DEVICE_DIR to prove that ACLs can be set there. The
-files they read are in `HostPaths`, so tests point them at files of their own.
-"""
+"""Doctor checks of the host: ACLs, PAM, database, Redis, the agent, docker, clock."""
 
 from __future__ import annotations
 
@@ -15,8 +8,7 @@ import ctypes.util
 import errno
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,243 +17,20 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from gpulocker import heartbeat
-from gpulocker.agent import doctor_trust
+from gpulocker.agent.doctor.base import (
+    CLOCK_SKEW_SECONDS,
+    EARLIEST_SANE_YEAR,
+    FAIL,
+    OK,
+    PROBE_UID,
+    STALE_HEARTBEAT_SECONDS,
+    WARN,
+    Check,
+    HostPaths,
+)
 from gpulocker.config import Settings
 from gpulocker.db import Database, alembic_config, current_revision, head_revision
-from gpulocker.gpus import BackendUnavailable, GpuBackend, GpuInfo, make_backend
-from gpulocker.inventory import assign_types
 from gpulocker.models import utcnow
-
-OK, WARN, FAIL = "ok", "warn", "fail"
-STALE_HEARTBEAT_SECONDS = 60.0
-CLOCK_SKEW_SECONDS = 5.0
-EARLIEST_SANE_YEAR = 2025
-PROBE_UID = 65534  # "nobody": the named entry written on the probe file
-MODPROBE_FIX = (
-    "write `options nvidia NVreg_DeviceFileMode=0660 NVreg_DeviceFileUID=0 "
-    "NVreg_DeviceFileGID=0` (or `options nvidia NVreg_ModifyDeviceFiles=0`) to "
-    "/etc/modprobe.d/gpulocker.conf, run `update-initramfs -u` and reboot"
-)
-
-
-@dataclass(frozen=True)
-class Check:
-    """One finding: which check, ok/warn/fail, what was found, and how to fix it."""
-
-    name: str
-    status: str
-    message: str
-    fix: str = ""
-
-
-@dataclass(frozen=True)
-class HostPaths:
-    """The host files the checks read (tests point them at their own)."""
-
-    nvidia_params: Path = Path("/proc/driver/nvidia/params")
-    pam_dir: Path = Path("/etc/pam.d")
-    group_file: Path = Path("/etc/group")
-    passwd_file: Path = Path("/etc/passwd")
-
-
-BackendFactory = Callable[[Settings], GpuBackend]
-
-
-def run_checks(
-    settings: Settings,
-    paths: HostPaths | None = None,
-    backend_factory: BackendFactory = make_backend,
-) -> list[Check]:
-    """Every check, in the order an admin would fix things. A check that crashes is a fail."""
-    paths = paths or HostPaths()
-    checks: list[Check] = []
-    steps: list[tuple[str, Callable[[], list[Check]]]] = [
-        # first, before opening the database fixes its mode: what the host is like now
-        ("trust", lambda: [Check(*found) for found in doctor_trust.check_trust(settings)]),
-        ("driver", lambda: check_gpus(settings, backend_factory)),
-        ("device files", lambda: check_driver_options(settings, paths)),
-        ("acl", lambda: check_acl(settings)),
-        ("pam", lambda: check_pam(settings, paths)),
-        ("database", lambda: check_database(settings)),
-        ("redis", lambda: check_redis(settings)),
-        ("agent", lambda: check_heartbeat(settings)),
-        ("docker", lambda: check_docker(paths)),
-        ("exempt", lambda: check_exempt(settings, paths)),
-        ("clock", lambda: check_clock(settings)),
-    ]
-    for name, step in steps:
-        try:
-            checks += step()
-        except Exception as exc:  # one broken check must not hide the others
-            checks.append(Check(name, FAIL, f"the check itself failed: {exc!r}"))
-    return checks
-
-
-def render(checks: list[Check]) -> str:
-    """The report: one line per check, its fix indented below, and a summary line."""
-    width = max((len(c.name) for c in checks), default=0)
-    lines = []
-    for check in checks:
-        lines.append(f"{check.status:<5} {check.name:<{width}}  {check.message}")
-        if check.fix:
-            lines.append(f"{'':<5} {'':<{width}}  fix: {check.fix}")
-    counts = {s: sum(c.status == s for c in checks) for s in (OK, WARN, FAIL)}
-    lines.append(f"doctor: {counts[OK]} ok, {counts[WARN]} warn, {counts[FAIL]} fail")
-    return "\n".join(lines)
-
-
-def exit_status(checks: list[Check]) -> int:
-    """1 when anything failed (warnings alone are 0)."""
-    return 1 if any(c.status == FAIL for c in checks) else 0
-
-
-# --- GPUs and the driver
-
-
-def check_gpus(settings: Settings, backend_factory: BackendFactory = make_backend) -> list[Check]:
-    """The backend loads, every GPU answers, GPU_CONFIG matches, MIG GPUs are pointed out."""
-    try:
-        backend = backend_factory(settings)
-    except BackendUnavailable as exc:
-        fix = (
-            "install the NVIDIA driver so that `nvidia-smi` works, "
-            "or try GPULocker with `--simulate '{\"4090\": 2}'`"
-        )
-        return [Check("driver", FAIL, str(exc), fix)]
-    try:
-        return _gpu_checks(settings, backend)
-    finally:
-        backend.close()
-
-
-def _gpu_checks(settings: Settings, backend: GpuBackend) -> list[Check]:
-    gpus = backend.inventory()
-    checks = [_driver_check(backend, gpus)]
-    for problem in getattr(backend, "problems", []):
-        fix = "reset the GPU (`nvidia-smi -r`) or reboot; until then it is not managed"
-        checks.append(Check("driver", FAIL, problem, fix))
-    for sample in backend.sample():
-        if not sample.ok:
-            fix = "reset the GPU (`nvidia-smi -r`) or reboot; it cannot be allocated meanwhile"
-            checks.append(Check("driver", FAIL, f"GPU {sample.index}: {sample.error}", fix))
-    checks.append(_types_check(settings, gpus))
-    checks += [_mig_check(g) for g in gpus if g.mig]
-    checks += _device_file_checks(settings, gpus)
-    return checks
-
-
-def _driver_check(backend: GpuBackend, gpus: list[GpuInfo]) -> Check:
-    version = getattr(backend, "driver_version", None)
-    found = f"{backend.name}: {len(gpus)} GPU(s)" + (f", driver {version}" if version else "")
-    reason = getattr(backend, "fallback_reason", None)
-    if reason:
-        return Check(
-            "driver",
-            WARN,
-            f"{found} through nvidia-smi, because {reason}",
-            "make NVML loadable (libnvidia-ml.so.1 ships with the driver): "
-            "nvidia-smi costs two processes per sample",
-        )
-    return Check("driver", OK, found)
-
-
-def _types_check(settings: Settings, gpus: list[GpuInfo]) -> Check:
-    try:
-        typed = assign_types(settings.gpu_config, gpus)
-    except ValueError as exc:
-        return Check("gpu types", FAIL, str(exc), "make GPU_CONFIG name the GPU indices above")
-    groups: dict[str, list[int]] = {}
-    for t in typed:
-        groups.setdefault(t.gpu_type, []).append(t.info.index)
-    text_ = ", ".join(f"{k}: {v}" for k, v in groups.items()) or "no GPU"
-    origin = "from GPU_CONFIG" if settings.gpu_config else "auto-detected (GPU_CONFIG is empty)"
-    return Check("gpu types", OK, f"{text_} ({origin})")
-
-
-def _mig_check(gpu: GpuInfo) -> Check:
-    return Check(
-        "mig",
-        WARN,
-        f"GPU {gpu.index} ({gpu.name}) is in MIG mode: it is allocated as one whole GPU "
-        "(its MIG instances cannot be allocated on their own), NVML reports no utilization "
-        "for it so idle GPUs are not revoked, and /dev/nvidia-caps is not restricted",
-        f"to manage it fully, disable MIG: `nvidia-smi -i {gpu.index} -mig 0` and reset the GPU",
-    )
-
-
-def _device_file_checks(settings: Settings, gpus: list[GpuInfo]) -> list[Check]:
-    missing = [g for g in gpus if not os.path.exists(g.device)]
-    if not missing:
-        shown = ", ".join(f"{g.index}->{Path(g.device).name}" for g in gpus)
-        return [Check("device files", OK, f"GPU index -> device file: {shown}")]
-    return [
-        Check(
-            "device files",
-            WARN,
-            f"GPU {g.index}: {g.device} does not exist yet (minor number {g.minor})",
-            f"the driver creates it at the first CUDA start; `nvidia-modprobe -c {g.minor}` "
-            "creates it now",
-        )
-        for g in missing
-    ]
-
-
-def read_params(path: Path) -> dict[str, str]:
-    """`Key: value` lines of /proc/driver/nvidia/params."""
-    params = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            params[key.strip()] = value.strip()
-    return params
-
-
-def check_driver_options(settings: Settings, paths: HostPaths) -> list[Check]:
-    """The driver's device-file options: does it re-open files between reconciles?"""
-    name = "device files"
-    if settings.gpu_backend == "simulated":
-        return [Check(name, OK, "driver options do not apply to simulated GPUs")]
-    try:
-        params = read_params(paths.nvidia_params)
-    except OSError as exc:
-        return [
-            Check(name, WARN, f"cannot read {paths.nvidia_params} ({exc.strerror})", MODPROBE_FIX)
-        ]
-    checks = []
-    modify = params.get("ModifyDeviceFiles", "1")
-    mode = int(params.get("DeviceFileMode", "438"))  # printed in decimal; 438 = 0666
-    uid = int(params.get("DeviceFileUID", "0"))
-    gid = params.get("DeviceFileGID", "0")
-    if modify == "0":
-        checks.append(
-            Check(name, OK, "the driver leaves device files alone (ModifyDeviceFiles: 0)")
-        )
-    elif mode & 0o007:
-        checks.append(
-            Check(
-                name,
-                WARN,
-                f"the driver sets /dev/nvidia* back to mode {mode:04o} whenever CUDA starts "
-                "(nvidia-modprobe), which opens every GPU to everyone until the next reconcile "
-                f"(RECONCILE_SECONDS={settings.reconcile_seconds:g})",
-                MODPROBE_FIX,
-            )
-        )
-    else:
-        checks.append(
-            Check(name, OK, f"the driver keeps device files at mode {mode:04o} (GID {gid})")
-        )
-    if modify != "0" and uid != 0:
-        checks.append(
-            Check(
-                name,
-                WARN,
-                f"device files are given to uid {uid} (DeviceFileUID), who can open every GPU",
-                "set NVreg_DeviceFileUID=0 (" + MODPROBE_FIX + ")",
-            )
-        )
-    return checks
-
 
 # --- The host
 
