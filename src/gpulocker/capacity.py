@@ -14,6 +14,7 @@ GPU type. The database, not the process, serializes them.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -39,49 +40,81 @@ def lock_type(session: Session, gpu_type: str) -> None:
 
 @dataclass
 class HostPlan:
-    """One host's GPUs of one type: capacity, running allocations' ends, bookings."""
+    """One host's GPUs of one type: capacity, running allocations' ends, bookings.
+
+    The load is a step function of time, built once (`_steps`): `loads[i]` GPUs are in use
+    or promised during [times[i], times[i + 1]), `base` before times[0].
+    """
 
     host: str
     capacity: int
     free_now: list[Gpu] = field(default_factory=list)
     ends: list[datetime] = field(default_factory=list)  # active allocations' expires_at
     bookings: list[tuple[datetime, datetime, int]] = field(default_factory=list)
+    _times: list[datetime] | None = None
+    _loads: list[int] = field(default_factory=list)
+
+    def _steps(self) -> list[datetime]:
+        if self._times is None:
+            deltas: dict[datetime, int] = {}
+            for end in self.ends:
+                deltas[end] = deltas.get(end, 0) - 1
+            for start, end, count in self.bookings:
+                deltas[start] = deltas.get(start, 0) + count
+                deltas[end] = deltas.get(end, 0) - count
+            self._times = sorted(deltas)
+            load, self._loads = len(self.ends), []
+            for moment in self._times:
+                load += deltas[moment]
+                self._loads.append(load)
+        return self._times
 
     def load(self, at: datetime) -> int:
         """GPUs in use or promised at moment `at` (allocations started before now)."""
-        running = sum(1 for end in self.ends if end > at)
-        return running + sum(n for s, e, n in self.bookings if s <= at < e)
+        i = bisect_right(self._steps(), at) - 1
+        return len(self.ends) if i < 0 else self._loads[i]
+
+    def _first_over(self, start: datetime, limit: int) -> tuple[datetime, datetime | None] | None:
+        """The first stretch from `start` on where the load passes `limit`: (from, until)."""
+        times = self._steps()
+        i = bisect_right(times, start) - 1
+        if self.load(start) > limit:
+            j = i + 1
+            while j < len(times) and self._loads[j] > limit:
+                j += 1
+            return start, times[j] if j < len(times) else None
+        for k in range(i + 1, len(times)):
+            if self._loads[k] > limit:
+                j = k + 1
+                while j < len(times) and self._loads[j] > limit:
+                    j += 1
+                return times[k], times[j] if j < len(times) else None
+        return None
 
     def fits(self, start: datetime, end: datetime, count: int) -> bool:
         """Whether `count` more GPUs are free at every moment of [start, end)."""
         if count > self.capacity:
             return False
-        points = [start] + [s for s, _e, _n in self.bookings if start < s < end]
-        return all(self.load(p) + count <= self.capacity for p in points)
+        over = self._first_over(start, self.capacity - count)
+        return over is None or over[0] >= end
 
     def earliest(self, start: datetime, hours: float, count: int) -> datetime | None:
         """The first moment from `start` when `count` GPUs are free for `hours`."""
         if count > self.capacity:
             return None
         length = timedelta(hours=hours)
-        moments = {start} | {t for t in self.ends if t > start}
-        moments |= {e for _s, e, _n in self.bookings if e > start}
-        for moment in sorted(moments):
-            if self.fits(moment, moment + length, count):
+        moment: datetime | None = start
+        while moment is not None:
+            over = self._first_over(moment, self.capacity - count)
+            if over is None or over[0] >= moment + length:
                 return moment
+            moment = over[1]
         return None
 
     def free_until(self, start: datetime, count: int) -> datetime | None:
-        """Until when `count` more GPUs stay free from `start` (None: no booking ends it)."""
-        for s, _e, _n in sorted(self.bookings):
-            if s > start and self.load(s) + count > self.capacity:
-                return s
-        return None
-
-    def add(self, end: datetime, count: int) -> None:
-        """Count `count` allocations granted now, running until `end`."""
-        self.ends += [end] * count
-        self.free_now = self.free_now[count:]
+        """Until when `count` more GPUs stay free from `start` (None: nothing ends it)."""
+        over = self._first_over(start, self.capacity - count)
+        return over[0] if over is not None else None
 
 
 def plans(

@@ -18,6 +18,7 @@ from gpulocker.scheduling_models import QueuedRequest
 from tests.conftest import needs_root
 from tests.helpers import ALICE, BOB, RUN, TestUser
 
+BASE = {"STATE_DIR": "/tmp/gpulocker-config-test", "GPULOCKER_ENV_FILE": "/dev/null"}
 SMALL = f"glt{RUN}_small"
 BIG = f"glt{RUN}_big"
 
@@ -79,8 +80,7 @@ def test_a_request_over_quota_waits_instead(db: Database, settings: Settings) ->
 
 def test_quotas_are_parsed_strictly(tmp_path: object) -> None:
     good = load_settings(
-        {"QUOTAS": '{"@students": {"gpu_hours_per_week": 100}, "bob": {"max_gpus": 2}}'},
-        env_file=None,
+        {**BASE, "QUOTAS": '{"@students": {"gpu_hours_per_week": 100}, "bob": {"max_gpus": 2}}'}
     )
     assert good.quotas["bob"] == {"max_gpus": 2}
     for raw in (
@@ -92,6 +92,6 @@ def test_quotas_are_parsed_strictly(tmp_path: object) -> None:
         "{",
     ):
         with pytest.raises(ConfigError, match="QUOTAS"):
-            load_settings({"QUOTAS": raw}, env_file=None)
+            load_settings({**BASE, "QUOTAS": raw})
     with pytest.raises(ConfigError, match="QUEUE_AGING_HOURS"):
-        load_settings({"QUEUE_AGING_HOURS": "0"}, env_file=None)
+        load_settings({**BASE, "QUEUE_AGING_HOURS": "0"})
