@@ -16,8 +16,11 @@ Two policies on the same jobs, event by event (an arrival, an end, a wait runnin
   and the transactions around them are left out; this is a model of the pass, not a run
   of the agent.
 
-Printed per policy: GPU utilization over the week, mean and p95 wait of granted jobs,
-jobs that gave up, and Jain's fairness index of the GPU-hours each user received.
+Arrivals stop at the week's end; the simulation goes on until the line is empty. Printed
+per policy: GPU utilization within the week and until the line is empty (a policy that
+serves long jobs later pushes some of their hours past the week, which the first figure
+counts as lost), mean and p95 wait of granted jobs, jobs that gave up, and Jain's fairness
+index of the GPU-hours each user received.
 
     .venv/bin/python bench/simulate_week.py [--seed N]
 """
@@ -111,7 +114,7 @@ def simulate(jobs: list[Job], policy: str) -> list[Job]:
     arrivals = iter(jobs)
     pending = next(arrivals, None)
     now = 0.0
-    while now < WEEK_H:
+    while now < WEEK_H or waiting or cluster.running or pending is not None:
         cluster.running = [r for r in cluster.running if r[0] > now]
         while pending is not None and pending.submit <= now:
             waiting.append(pending)
@@ -147,7 +150,9 @@ def simulate(jobs: list[Job], policy: str) -> list[Job]:
             started.append(job)
             waiting.remove(job)
         ends = [e for e, _c, _j in cluster.running if e > now]
-        future = [m for m in moments if m > now] + ends + [WEEK_H]
+        future = [m for m in moments if m > now] + ends + ([WEEK_H] if now < WEEK_H else [])
+        if not future:
+            break
         now = min(future)
     return jobs
 
@@ -156,13 +161,17 @@ def report(policy: str, jobs: list[Job]) -> dict[str, float]:
     users = sorted({j.user for j in jobs})
     got = dict.fromkeys(users, 0.0)
     used = 0.0
+    served = 0.0
+    last_end = WEEK_H
     waits = []
     for job in jobs:
         if job.start is None:
             continue
-        hours = min(job.start + job.hours, WEEK_H) - job.start
-        got[job.user] += job.count * hours
+        hours = max(0.0, min(job.start + job.hours, WEEK_H) - job.start)
+        got[job.user] += job.count * job.hours
         used += job.count * hours
+        served += job.count * job.hours
+        last_end = max(last_end, job.start + job.hours)
         waits.append(job.start - job.submit)
     values = list(got.values())
     jain = sum(values) ** 2 / (len(values) * sum(v * v for v in values))
@@ -170,13 +179,15 @@ def report(policy: str, jobs: list[Job]) -> dict[str, float]:
     p95 = waits[min(len(waits) - 1, round(0.95 * (len(waits) - 1)))]
     result = {
         "utilization": 100 * used / (GPUS * WEEK_H),
+        "drained": 100 * served / (GPUS * last_end),
         "mean_wait": statistics.fmean(waits),
         "p95_wait": p95,
         "gave_up": sum(j.gave_up for j in jobs),
         "jain": jain,
     }
     print(
-        f"  {policy:<10} utilization {result['utilization']:5.1f} %   wait mean "
+        f"  {policy:<10} utilization {result['utilization']:5.1f} % in the week, "
+        f"{result['drained']:5.1f} % until the line is empty   wait mean "
         f"{result['mean_wait']:5.2f} h  p95 {result['p95_wait']:5.2f} h   gave up "
         f"{result['gave_up']:3.0f}   Jain's index {result['jain']:.3f}"
     )
@@ -197,9 +208,11 @@ def main() -> int:
     fair = report("GPULocker", simulate(jobs, "gpulocker"))
     raised = fair["jain"] > fcfs["jain"]
     cost = fcfs["utilization"] - fair["utilization"]
+    drained = fcfs["drained"] - fair["drained"]
     print(
         f"  fairness raised: {'yes' if raised else 'NO'}; utilization cost {cost:+.1f} points "
-        f"(at most 2 allowed): {'met' if raised and cost <= 2 else 'NOT met'}"
+        f"in the week, {drained:+.1f} until the line is empty (at most 2 allowed): "
+        f"{'met' if raised and max(cost, drained) <= 2 else 'NOT met'}"
     )
     return 0
 
