@@ -288,29 +288,33 @@ def serve_queue(db: Database, settings: Settings, now: datetime) -> int:
     blocked: dict[str, set[tuple[int, float]]] = {}
     bounds: dict[str, dict[tuple[int, float], datetime | None]] = {}
     granted = 0
+    most_free = {t: max((len(p.free_now) for p in plans[t].values()), default=0) for t in plans}
     for row in line:
-        host_plans = plans[row.gpu_type]
-        end = now + timedelta(hours=row.hours)
-        fits = any(
-            len(p.free_now) >= row.count and p.fits(now, end, row.count)
-            for p in host_plans.values()
+        request_id, _user, gpu_type, count, hours, _created = row  # one tuple read, not six
+        host_plans = plans[gpu_type]
+        end = now + timedelta(hours=hours)
+        fits = count <= most_free[gpu_type] and any(
+            len(p.free_now) >= count and p.fits(now, end, count) for p in host_plans.values()
         )
         if not fits:
-            blocked.setdefault(row.gpu_type, set()).add((row.count, row.hours))
+            blocked.setdefault(gpu_type, set()).add((count, hours))
             continue
-        ahead = blocked.get(row.gpu_type)
+        ahead = blocked.get(gpu_type)
         if ahead:
-            cache = bounds.setdefault(row.gpu_type, {})
+            cache = bounds.setdefault(gpu_type, {})
             for shape in ahead - cache.keys():
                 cache[shape] = capacity.sure_start(host_plans, now, *shape)
             starts = [cache[s] for s in ahead if cache[s] is not None]
             if starts and end > min(s for s in starts if s is not None):
                 continue  # granting it would delay a request ahead of it
-        if grant(db, settings, row.id):
+        if grant(db, settings, request_id):
             granted += 1
             with db.session() as session:
-                plans[row.gpu_type] = capacity.plans(session, row.gpu_type)
-            bounds.pop(row.gpu_type, None)
+                plans[gpu_type] = capacity.plans(session, gpu_type)
+            most_free[gpu_type] = max(
+                (len(p.free_now) for p in plans[gpu_type].values()), default=0
+            )
+            bounds.pop(gpu_type, None)
     return granted
 
 
