@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 
 from gpulocker import lease, scheduler
 from gpulocker.config import Settings
-from gpulocker.models import BOOKED, WAITING, Event, utcnow
 from gpulocker.hostview import HostView
+from gpulocker.models import BOOKED, WAITING, Event, utcnow
 from gpulocker.scheduling_models import QueuedRequest, Reservation
 
 LEASE = "scheduler"

@@ -37,7 +37,7 @@ def request(
         )
         return {
             "allocations": [r.to_dict() for r in rows],
-            "cuda_visible_devices": allocations.cuda_visible_devices(rows),
+            "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
         }
     if gpu_ids is not None:
         raise Invalid("gpu_ids cannot wait: ask for a count")
@@ -47,7 +47,7 @@ def request(
     if waiting is None:
         return {
             "allocations": [r.to_dict() for r in rows],
-            "cuda_visible_devices": allocations.cuda_visible_devices(rows),
+            "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
         }
     scheduler.serve_queue(ctx.db, ctx.settings, utcnow())  # it may fit behind nobody
     return {"request": request_get(ctx, actor, waiting.id)["request"]}
@@ -60,7 +60,7 @@ def _request_dict(ctx: Context, row: QueuedRequest, places: dict[int, int]) -> d
             rows = session.scalars(
                 select(Allocation).where(Allocation.id.in_(row.allocation_ids))
             ).all()
-        out["cuda_visible_devices"] = allocations.cuda_visible_devices(rows)
+        out["cuda_visible_devices"] = allocations.cuda_visible_devices(ctx.db, rows)
     return out
 
 
