@@ -53,6 +53,22 @@ def request(
     return {"request": request_get(ctx, actor, waiting.id)["request"]}
 
 
+def submit(
+    ctx: Context,
+    actor: str,
+    gpu_type: str,
+    count: int,
+    hours: float,
+    wait_hours: float | None = None,
+    user: str | None = None,
+) -> dict[str, Any]:
+    """Put a request in the line and serve the line at once: {"request": {...}}, granted
+    already when nobody is ahead and GPUs are free."""
+    row = queue.submit(ctx.db, ctx.settings, actor, gpu_type, count, hours, wait_hours, user)
+    scheduler.serve_queue(ctx.db, ctx.settings, utcnow())
+    return request_get(ctx, actor, row.id)
+
+
 def _request_dict(ctx: Context, row: QueuedRequest, places: dict[int, int]) -> dict[str, Any]:
     out = row.to_dict(places.get(row.id))
     if row.allocation_ids:
