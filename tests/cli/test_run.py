@@ -81,8 +81,8 @@ def test_run_forwards_signals_and_releases(
     ctx: Context,
 ) -> None:
     code = (
-        "import signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, lambda *a: (print('got TERM', flush=True), sys.exit(3)))\n"
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b'got TERM\\n'), os._exit(3)))\n"
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"
     )
