@@ -12,7 +12,6 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-import gpulocker.agent.localapi_scheduling  # noqa: F401  (registers the scheduling operations)
 from gpulocker import allocations, scheduler
 from gpulocker.agent import localapi
 from gpulocker.context import Context

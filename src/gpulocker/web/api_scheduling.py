@@ -10,7 +10,7 @@ from pydantic import ConfigDict, Field
 from gpulocker import scheduling_ops as ops
 from gpulocker.web.api import me
 from gpulocker.web.openapi import endpoint
-from gpulocker.web.schemas import Body, GpuType, Hours, Out, Query, UserName
+from gpulocker.schemas import Body, GpuType, Hours, Out, Query, UserName
 from gpulocker.web.session import get_ctx
 
 bp = Blueprint("api_scheduling", __name__, url_prefix="/api")
