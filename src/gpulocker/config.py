@@ -95,8 +95,7 @@ class Settings:
     public_gpu_status: bool = True
     token_days: float = 90.0
     socket_path: Path | None = None
-    # Scheduling (SPEC section 11).
-    queue_max_wait_hours: float = 24.0
+    queue_max_wait_hours: float = 24.0  # scheduling (SPEC section 11) from here
     queue_aging_hours: float = 12.0
     fairshare_half_life_hours: float = 168.0
     reservation_max_days_ahead: float = 30.0

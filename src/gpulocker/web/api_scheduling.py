@@ -8,9 +8,9 @@ from flask import Blueprint
 from pydantic import ConfigDict, Field
 
 from gpulocker import scheduling_ops as ops
+from gpulocker.schemas import Body, GpuType, Hours, Out, Query, UserName
 from gpulocker.web.api import me
 from gpulocker.web.openapi import endpoint
-from gpulocker.schemas import Body, GpuType, Hours, Out, Query, UserName
 from gpulocker.web.session import get_ctx
 
 bp = Blueprint("api_scheduling", __name__, url_prefix="/api")
