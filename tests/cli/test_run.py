@@ -15,7 +15,7 @@ from sqlalchemy import select
 from gpulocker import allocations, scheduler
 from gpulocker.agent import localapi
 from gpulocker.context import Context
-from gpulocker.models import ACTIVE, Allocation
+from gpulocker.models import ACTIVE, Allocation, Gpu
 from tests.cli.test_cli import database_url, run_as, server, socket_path  # noqa: F401
 from tests.conftest import needs_root
 from tests.helpers import ALICE, CAROL, TestUser
@@ -68,7 +68,10 @@ def test_run_sets_the_variables_exits_with_the_status_and_releases(
         env=env,
     )
     assert result.returncode == 7, result.stderr
-    assert result.stdout == "4,5 PCI_BUS_ID\n"
+    with ctx.db.session() as session:
+        gpus = session.scalars(select(Gpu).where(Gpu.gpu_id.in_([4, 5])).order_by(Gpu.gpu_id))
+        uuids = ",".join(g.uuid or str(g.gpu_id) for g in gpus)
+    assert result.stdout == f"{uuids} PCI_BUS_ID\n"
     assert "released allocation(s)" in result.stderr
     assert _active(ctx, ALICE) == []
 
@@ -124,5 +127,7 @@ def test_run_waits_in_line_showing_its_position(
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "position 1 in the line" in err
-    assert out == "[5]\n"
+    with ctx.db.session() as session:
+        gpu = session.scalars(select(Gpu).where(Gpu.gpu_id == 5)).one()
+    assert out == f"[{gpu.uuid or 5}]\n"
     assert _active(ctx, ALICE) == []

@@ -64,7 +64,8 @@ def test_it_waits_then_is_granted_and_notified(db: Database, settings: Settings)
         ]
         kinds = set(s.scalars(select(Event.kind)))
     assert any("waits for GPUs" in m for m in inbox)
-    assert any("CUDA_VISIBLE_DEVICES=0,1" in m for m in inbox)
+    cuda = allocations.cuda_visible_devices(db, _held_by(db, ALICE))
+    assert any(f"CUDA_VISIBLE_DEVICES={cuda}" in m for m in inbox)
     assert {"queued", "request_granted"} <= kinds
 
 
