@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from gpulocker import scheduling_models  # noqa: F401  (its tables join Base.metadata)
 from gpulocker.db import Database, current_revision, head_revision
 from gpulocker.models import Base
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from gpulocker import allocations, heartbeat, lockouts
+from gpulocker import allocations, heartbeat, lockouts, queue, reservations
 from gpulocker import schemas as s
 from gpulocker.agent import localapi
 from gpulocker.cli.client import ROUTES, http_request_for
@@ -31,6 +31,9 @@ __all__ = ["app", "bearer", "client"]
 
 Args = dict[str, Any]
 NEW = "<a fresh allocation of alice's>"
+NEW_REQUEST = "<a fresh waiting request of alice's>"
+NEW_BOOKING = "<a fresh booking of alice's>"
+SOON = (utcnow() + timedelta(days=2)).isoformat()
 
 # op -> (who calls, good arguments); NEW is replaced by a fresh allocation's id per surface.
 GOOD: dict[str, tuple[str, Args]] = {
@@ -47,6 +50,20 @@ GOOD: dict[str, tuple[str, Args]] = {
     "lockouts.lift": (ADMIN, {"user": BOB}),
     "maintenance.set_enabled": (ADMIN, {"enabled": False, "message": "back"}),
     "notify.admin_message": (ADMIN, {"user": BOB, "message": "hello"}),
+    "requests.submit": (ALICE, {"gpu_type": "4090", "count": 1, "hours": 1}),
+    "requests.list_for": (ALICE, {}),
+    "requests.get": (ALICE, {"id": NEW_REQUEST}),
+    "requests.cancel": (ALICE, {"id": NEW_REQUEST}),
+    "queue.view": (ALICE, {}),
+    "reservations.book": (
+        ALICE,
+        {"gpu_type": "a100", "count": 1, "start": SOON, "hours": 1},
+    ),
+    "reservations.list_for": (ALICE, {}),
+    "reservations.get": (ALICE, {"id": NEW_BOOKING}),
+    "reservations.cancel": (ALICE, {"id": NEW_BOOKING}),
+    "calendar": (ALICE, {"gpu_type": "a100", "days": 2}),
+    "me.usage": (ALICE, {}),
 }
 
 HUGE = 2**40
@@ -107,6 +124,28 @@ BAD: dict[str, list[tuple[str, Args, str]]] = {
         (ADMIN, {"user": "a b"}, "invalid"),
         (ALICE, {"user": BOB}, "forbidden"),
     ],
+    "requests.submit": [
+        (ALICE, {"gpu_type": "4090", "count": -1, "hours": 1}, "invalid"),
+        (ALICE, {"gpu_type": "4090", "hours": 1, "wait_hours": 1e9}, "invalid"),
+        (ALICE, {"gpu_type": "4090", "hours": 1, "user": BOB}, "forbidden"),
+    ],
+    "requests.list_for": [(ALICE, {"all": "maybe"}, "invalid")],
+    "requests.get": [(ALICE, {"id": 999_999}, "not_found")],
+    "requests.cancel": [(ALICE, {"id": 999_999}, "not_found")],
+    "queue.view": [],
+    "reservations.book": [
+        (ALICE, {"gpu_type": "a100", "start": "soon", "hours": 1}, "invalid"),
+        (
+            ALICE,
+            {"gpu_type": "a100", "start": "2026-01-01T00:00Z", "hours": 1, "user": BOB},
+            "forbidden",
+        ),
+    ],
+    "reservations.list_for": [(ALICE, {"all": "maybe"}, "invalid")],
+    "reservations.get": [(ALICE, {"id": 999_999}, "not_found")],
+    "reservations.cancel": [(ALICE, {"id": 999_999}, "not_found")],
+    "calendar": [(ALICE, {"days": 99}, "invalid")],
+    "me.usage": [],
     "maintenance.set_enabled": [
         (ADMIN, {"enabled": "yes"}, "invalid"),
         (ADMIN, {"enabled": True, "message": 5}, "invalid"),
@@ -152,6 +191,13 @@ class Doors:
         if op.startswith("lockouts."):
             with self.ctx.db.transaction() as session:
                 lockouts.lock_out(session, self.ctx.settings, BOB, "parity test")
+        if NEW_REQUEST in args.values():
+            row = queue.submit(self.ctx.db, self.ctx.settings, ALICE, "a100", 1, 1)
+            return {k: row.id if v == NEW_REQUEST else v for k, v in args.items()}
+        if NEW_BOOKING in args.values():
+            start = utcnow() + timedelta(days=1)
+            got = reservations.book(self.ctx.db, self.ctx.settings, ALICE, "4090", 1, start, 1)
+            return {k: got.id if v == NEW_BOOKING else v for k, v in args.items()}
         if NEW not in args.values():
             return args
         allocations.release_all(self.ctx.db, self.ctx.settings, ALICE)

@@ -15,8 +15,16 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gpulocker import cudaline, events, inventory, limits, lockouts, maintenance
-from gpulocker import hosts as gpu_hosts
+from gpulocker import (
+    capacity,
+    cudaline,
+    events,
+    inventory,
+    limits,
+    lockouts,
+    maintenance,
+    quotas,
+)
 from gpulocker.config import Settings
 from gpulocker.db import Database
 from gpulocker.errors import (
@@ -54,7 +62,9 @@ def request(
     # type, no free GPU) never takes the write lock the agent's loop needs (SPEC §12).
     # The write transaction below checks everything again.
     with db.session() as session:
-        _check_rules(session, settings, actor, user, gpu_type, count, gpu_ids, take_turns=False)
+        _check_rules(
+            session, settings, actor, user, gpu_type, count, hours, gpu_ids, take_turns=False
+        )
     # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
     for _attempt in range(64):
         try:
@@ -79,7 +89,7 @@ def _grant(
     gpu_ids: Sequence[int] | None,
 ) -> list[Allocation]:
     """Inside one write transaction: check the rules that read the database, then insert."""
-    chosen = _check_rules(session, settings, actor, user, gpu_type, count, gpu_ids)
+    chosen = _check_rules(session, settings, actor, user, gpu_type, count, hours, gpu_ids)
     now = utcnow()
     expires = now + timedelta(hours=hours)
     rows = [
@@ -142,6 +152,7 @@ def _check_rules(
     user: str,
     gpu_type: str,
     count: int,
+    hours: float,
     gpu_ids: Sequence[int] | None,
     take_turns: bool = True,
 ) -> list[Gpu]:
@@ -160,54 +171,13 @@ def _check_rules(
             f"{user} is locked out until {lockout.until:%Y-%m-%d %H:%M} UTC ({lockout.reason})",
             until=lockout.until.isoformat(),
         )
-    if settings.max_gpus_per_user is not None:
-        if take_turns:
-            _take_turns(session, user)
-        held = count_active(session, user)
-        if held + count > settings.max_gpus_per_user:
-            raise Forbidden(
-                f"{user} holds {held} GPU(s); at most {settings.max_gpus_per_user} per user "
-                "(MAX_GPUS_PER_USER)",
-            )
-    return _choose(session, settings, gpu_type, count, gpu_ids)
-
-
-def _choose(
-    session: Session, settings: Settings, gpu_type: str, count: int, gpu_ids: Sequence[int] | None
-) -> list[Gpu]:
-    """Pick free GPUs, all on one host (this host first), or refuse saying how many are free."""
-    silent = gpu_hosts.silent_hosts(session, settings)
-    free = [g for g in inventory.free_gpus(session, gpu_type) if g.host not in silent]
-    note = gpu_hosts.silence_note(silent, settings)
-    by_host: dict[str, list[Gpu]] = {}
-    for gpu in free:
-        by_host.setdefault(gpu.host, []).append(gpu)
-    hosts = sorted(by_host, key=lambda h: (h != settings.gpu_host, -len(by_host[h]), h))
-    if gpu_ids is not None:
-        wanted = set(gpu_ids)
-        for host in hosts:
-            picked = [g for g in by_host[host] if g.gpu_id in wanted]
-            if len(picked) == len(wanted):
-                return picked
-        free_ids = sorted(g.gpu_id for g in free if g.gpu_id in wanted)
-        busy = sorted(wanted - set(free_ids))
-        raise NotEnoughGPUs(
-            f"GPU(s) {busy} of type {gpu_type!r} are not free "
-            f"({len(free)} {gpu_type} GPU(s) free{note})",
-            free=len(free),
-        )
-    for host in hosts:
-        if len(by_host[host]) >= count:
-            return by_host[host][:count]
-    if len(free) >= count:
-        raise NotEnoughGPUs(
-            f"{len(free)} {gpu_type} GPU(s) are free but not {count} on one host{note}",
-            free=len(free),
-        )
-    raise NotEnoughGPUs(
-        f"not enough free {gpu_type} GPUs: asked for {count}, {len(free)} free{note}",
-        free=len(free),
-    )
+    now = utcnow()
+    if take_turns:
+        _take_turns(session, user)
+    quotas.check(session, settings, user, count, hours, now)
+    if take_turns:
+        capacity.lock_type(session, gpu_type)
+    return capacity.choose(session, settings, gpu_type, count, hours, now, gpu_ids)
 
 
 def cuda_visible_devices(db: Database | Session, allocations: Sequence[Allocation]) -> str:
@@ -289,6 +259,16 @@ def extend(
                 f"the new end would be past now + {settings.max_allocation_hours:g} h "
                 "(MAX_ALLOCATION_HOURS)",
                 latest=limit.isoformat(),
+            )
+        capacity.lock_type(session, row.gpu_type)
+        plan = capacity.plans(session, row.gpu_type).get(row.host)
+        start = max(row.expires_at, now)
+        if plan is not None and not plan.fits(start, new_end, 1):
+            limit = plan.free_until(start, 1) or start
+            raise Conflict(
+                f"GPU {row.gpu_id} ({row.gpu_type}) on {row.host} is booked from "
+                f"{limit:%Y-%m-%d %H:%M} UTC: it can be extended to that at most",
+                until=limit.isoformat(),
             )
         row.expires_at = new_end
         row.reminded_at = row.expiry_warned_at = row.idle_warned_at = None

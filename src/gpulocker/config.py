@@ -21,6 +21,8 @@ from typing import Any
 from dotenv import dotenv_values
 
 from gpulocker import ignored
+from gpulocker.config_parsers import parse_gpu_config as _gpu_config
+from gpulocker.config_parsers import parse_quotas as _quotas
 from gpulocker.safefs import trusted_file_problem
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -99,6 +101,11 @@ class Settings:
     public_gpu_status: bool = True
     token_days: float = 90.0
     socket_path: Path | None = None
+    queue_max_wait_hours: float = 24.0  # scheduling (SPEC section 11) from here
+    queue_aging_hours: float = 12.0
+    fairshare_half_life_hours: float = 168.0
+    reservation_max_days_ahead: float = 30.0
+    quotas: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def effective_redis_url(self) -> str | None:
@@ -219,32 +226,6 @@ def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
 
-def _gpu_config(raw: str) -> dict[str, list[int]]:
-    """`{"4090": [0,1,2,3]}`: type -> GPU indices; empty means auto-detect."""
-    expected = 'JSON mapping a GPU type to a list of GPU ids, e.g. {"4090": [0,1,2,3]}'
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ValueError(expected) from None
-    if not isinstance(data, dict):
-        raise ValueError(expected)
-    seen: set[int] = set()
-    result: dict[str, list[int]] = {}
-    for gpu_type, ids in data.items():
-        if not gpu_type or not isinstance(ids, list) or not ids:
-            raise ValueError(expected)
-        for gpu_id in ids:
-            if isinstance(gpu_id, bool) or not isinstance(gpu_id, int) or gpu_id < 0:
-                raise ValueError(expected)
-            if gpu_id in seen:
-                raise ValueError(f"each GPU id once (id {gpu_id} appears twice)")
-            seen.add(gpu_id)
-        result[str(gpu_type)] = list(ids)
-    return result
-
-
 def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip()
@@ -321,6 +302,11 @@ KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "NOTIFY_URLS": ("notify_urls", _list),
     "PUBLIC_GPU_STATUS": ("public_gpu_status", _bool),
     "SOCKET_PATH": ("socket_path", _path),
+    "QUEUE_MAX_WAIT_HOURS": ("queue_max_wait_hours", _float(strictly_positive=True)),
+    "QUEUE_AGING_HOURS": ("queue_aging_hours", _float(strictly_positive=True)),
+    "FAIRSHARE_HALF_LIFE_HOURS": ("fairshare_half_life_hours", _float(strictly_positive=True)),
+    "RESERVATION_MAX_DAYS_AHEAD": ("reservation_max_days_ahead", _float(strictly_positive=True)),
+    "QUOTAS": ("quotas", _quotas),
 }
 
 _FIELD_NAMES = {f.name for f in fields(Settings)}

@@ -60,3 +60,9 @@ class Unavailable(GPULockerError):
     """A service GPULocker needs (the database) cannot be reached; says which key to check."""
 
     code = "unavailable"
+
+
+class Quota(Forbidden):
+    """A request would pass the user's quota (QUOTAS, MAX_GPUS_PER_USER)."""
+
+    code = "quota"

@@ -31,6 +31,16 @@ RELEASED = "released"
 EXPIRED = "expired"
 REVOKED = "revoked"
 STATES = (ACTIVE, RELEASED, EXPIRED, REVOKED)  # the one list of allocation states
+# Queued requests (SPEC section 11).
+WAITING = "waiting"
+GRANTED = "granted"
+CANCELLED = "cancelled"
+REQUEST_STATES = (WAITING, GRANTED, CANCELLED, EXPIRED)
+# Reservations.
+BOOKED = "booked"
+STARTED = "started"
+FAILED = "failed"
+RESERVATION_STATES = (BOOKED, STARTED, CANCELLED, FAILED)
 
 
 def utcnow() -> datetime:
@@ -129,11 +139,11 @@ class Allocation(Base):
             "gpu_type": self.gpu_type,
             "device": self.device,
             "state": self.state,
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
-            "released_at": _iso(self.released_at),
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "released_at": iso(self.released_at),
             "release_reason": self.release_reason,
-            "access_applied_at": _iso(self.access_applied_at),
+            "access_applied_at": iso(self.access_applied_at),
         }
 
 
@@ -162,7 +172,7 @@ class Event(Base):
         """The public shape of an event."""
         return {
             "id": self.id,
-            "at": _iso(self.at),
+            "at": iso(self.at),
             "kind": self.kind,
             "actor": self.actor,
             "user": self.user,
@@ -194,10 +204,10 @@ class Lockout(Base):
         return {
             "id": self.id,
             "user": self.user,
-            "created_at": _iso(self.created_at),
-            "until": _iso(self.until),
+            "created_at": iso(self.created_at),
+            "until": iso(self.until),
             "reason": self.reason,
-            "lifted_at": _iso(self.lifted_at),
+            "lifted_at": iso(self.lifted_at),
         }
 
 
@@ -231,8 +241,8 @@ class Notification(Base):
             "id": self.id,
             "kind": self.kind,
             "message": self.message,
-            "created_at": _iso(self.created_at),
-            "read_at": _iso(self.read_at),
+            "created_at": iso(self.created_at),
+            "read_at": iso(self.read_at),
         }
 
 
@@ -363,5 +373,6 @@ class DiskUsage(Base):
     measured_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601, or None."""
     return value.isoformat() if value is not None else None

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
-from gpulocker import allocations, tokens
+from gpulocker import allocations, queue, reservations, tokens
 from gpulocker.context import Context
-from gpulocker.web import api, health, records_api
+from gpulocker.models import utcnow
+from gpulocker.web import api, api_scheduling, health, records_api
 from gpulocker.web.openapi import OPERATIONS
 from tests.helpers import ALICE, BOB
 from tests.web.api_fixtures import Headers, app, bearer, client
 
 __all__ = [
     "api",
+    "api_scheduling",
     "app",
     "bearer",
     "client",
@@ -72,6 +75,23 @@ BOB_TRIES: dict[str, Try] = {
     "admin_notify": Try("POST", "/api/v1/admin/notify", 403, {"user": ALICE, "message": "x"}),
     "admin_lockouts": Try("GET", "/api/v1/admin/lockouts", 403),
     "admin_lift_lockout": Try("DELETE", f"/api/v1/admin/lockouts/{ALICE}", 403),
+    # SPEC section 11 (web/api_scheduling.py)
+    "queue": Try("GET", "/api/v1/queue", 200),
+    "submit": Try("POST", "/api/v1/requests", 403, {"gpu_type": "4090", "hours": 1, "user": ALICE}),
+    "list_requests": Try("GET", "/api/v1/requests?all=1", 200),
+    "get_request": Try("GET", "/api/v1/requests/{req}", 404),
+    "cancel_request": Try("DELETE", "/api/v1/requests/{req}", 404),
+    "book": Try(
+        "POST",
+        "/api/v1/reservations",
+        403,
+        {"gpu_type": "4090", "start": "2030-01-01T00:00Z", "hours": 1, "user": ALICE},
+    ),
+    "list_reservations": Try("GET", "/api/v1/reservations?all=1", 200),
+    "get_reservation": Try("GET", "/api/v1/reservations/{res}", 404),
+    "cancel_reservation": Try("DELETE", "/api/v1/reservations/{res}", 404),
+    "calendar": Try("GET", "/api/v1/calendar?gpu_type=a100", 200),
+    "usage": Try("GET", "/api/v1/me/usage", 200),
     "openapi": Try("GET", "/api/v1/openapi.json", 200, anonymous=200),
     "healthz": Try("GET", "/healthz", 200, anonymous=200),
     "metrics": Try("GET", "/metrics", 200, anonymous=200),
@@ -79,15 +99,25 @@ BOB_TRIES: dict[str, Try] = {
 
 
 @pytest.fixture
-def alices_things(ctx: Context) -> dict[str, int]:
+def alices_things(ctx: Context, users: dict[str, Any]) -> dict[str, int]:
     """An active allocation, an API token and a notification of alice's."""
     row = allocations.request(ctx.db, ctx.settings, ALICE, "4090", 1, 2)[0]
     token, _raw = tokens.create(ctx.db, ALICE, "alice's laptop")
     with ctx.db.session() as session:
         from gpulocker import inbox
 
-        note = inbox.list_for(session, ALICE)[0]
-    return {"alloc": row.id, "token": token.id, "note": note.id}
+        note = inbox.list_for(session, ALICE)[-1]
+    waiting = queue.submit(ctx.db, ctx.settings, ALICE, "a100", 2, 1)
+    start = utcnow() + timedelta(hours=3)
+    booking = reservations.book(ctx.db, ctx.settings, ALICE, "a100", 1, start, 1)
+    return {
+        "alloc": row.id,
+        "token": token.id,
+        "note": note.id,
+        "req": waiting.id,
+        "res": booking.id,
+        "unread": 3,  # granted, queued, booked
+    }
 
 
 def call(client: FlaskClient, attempt: Try, things: dict[str, int], headers: Headers) -> Any:
@@ -117,7 +147,7 @@ def test_bob_never_reaches_alices_things(
         assert [t.id for t in tokens.list_for(session, ALICE)] == [alices_things["token"]]
         from gpulocker import inbox
 
-        assert inbox.unread_count(session, ALICE) == 1
+        assert inbox.unread_count(session, ALICE) == alices_things["unread"]
 
 
 def _private_part(name: str, body: Any) -> str:

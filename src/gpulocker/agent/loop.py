@@ -56,12 +56,14 @@ def default_steps() -> list[AgentStep]:
     from gpulocker.notify.linking import TelegramLinkStep
     from gpulocker.notify.outbox import OutboxStep
     from gpulocker.policies import PoliciesStep
+    from gpulocker.scheduler_step import SchedulerStep
 
     return [
         ViolationsStep(),
         HeartbeatStep(),
         HistoryStep(),
         PoliciesStep(),
+        SchedulerStep(),
         OutboxStep(),
         TelegramLinkStep(),
         DiskStep(),

@@ -275,6 +275,18 @@ ROUTES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "lockouts.lift": ("DELETE", "/api/v1/admin/lockouts/{user}", ("user",)),
     "maintenance.set_enabled": ("POST", "/api/v1/admin/maintenance", ()),
     "notify.admin_message": ("POST", "/api/v1/admin/notify", ()),
+    # SPEC section 11
+    "requests.submit": ("POST", "/api/v1/requests", ()),
+    "requests.list_for": ("GET", "/api/v1/requests", ()),
+    "requests.get": ("GET", "/api/v1/requests/{id}", ("id",)),
+    "requests.cancel": ("DELETE", "/api/v1/requests/{id}", ("id",)),
+    "queue.view": ("GET", "/api/v1/queue", ()),
+    "reservations.book": ("POST", "/api/v1/reservations", ()),
+    "reservations.list_for": ("GET", "/api/v1/reservations", ()),
+    "reservations.get": ("GET", "/api/v1/reservations/{id}", ("id",)),
+    "reservations.cancel": ("DELETE", "/api/v1/reservations/{id}", ("id",)),
+    "calendar": ("GET", "/api/v1/calendar", ()),
+    "me.usage": ("GET", "/api/v1/me/usage", ()),
 }
 
 

@@ -13,6 +13,7 @@ import click
 from gpulocker.cli.admin import admin
 from gpulocker.cli.commands import register as register_client_commands
 from gpulocker.cli.install import register as register_install_commands
+from gpulocker.cli.scheduling import register as register_scheduling_commands
 from gpulocker.config import ConfigError, Settings, load_settings, simulated_gpu_config
 from gpulocker.errors import GPULockerError
 
@@ -61,6 +62,7 @@ def main() -> None:
 register_client_commands(main)  # status, request, list, release, extend, whoami, login
 main.add_command(admin)
 register_install_commands(main)  # install, uninstall
+register_scheduling_commands(main)  # run, queue, book, bookings, cancel
 
 
 @main.group()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from gpulocker import scheduling_models  # noqa: F401  (its tables join Base.metadata)
 from gpulocker.db import make_engine
 from gpulocker.models import Base
 

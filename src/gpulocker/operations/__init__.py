@@ -21,6 +21,7 @@ from gpulocker import schemas as s
 from gpulocker.context import Context
 from gpulocker.errors import Invalid
 from gpulocker.operations import admin, allocating
+from gpulocker.operations import scheduling as q
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,18 @@ OPERATIONS: dict[str, Operation] = {
         admin.set_maintenance, s.MaintenanceRequest, s.MaintenanceState
     ),
     "notify.admin_message": Operation(admin.notify_user, s.NotifyRequest, s.Ok),
+    # SPEC section 11 (operations/scheduling.py)
+    "requests.submit": Operation(q.submit, q.SubmitArgs, q.Loose),
+    "requests.list_for": Operation(q.requests, q.AllArgs, q.Loose),
+    "requests.get": Operation(q.request_get, q.IdArgs, q.Loose),
+    "requests.cancel": Operation(q.request_cancel, q.IdArgs, q.Loose),
+    "queue.view": Operation(q.queue, s.NoArgs, q.Loose),
+    "reservations.book": Operation(q.book, q.BookArgs, q.Loose),
+    "reservations.list_for": Operation(q.bookings, q.AllArgs, q.Loose),
+    "reservations.get": Operation(q.booking_get, q.IdArgs, q.Loose),
+    "reservations.cancel": Operation(q.booking_cancel, q.IdArgs, q.Loose),
+    "calendar": Operation(q.calendar, q.CalendarArgs, q.Loose),
+    "me.usage": Operation(q.usage, s.NoArgs, q.Loose),
 }
 
 

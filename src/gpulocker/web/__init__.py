@@ -69,10 +69,11 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
 
 def _register_blueprints(app: Flask) -> None:
     """The API, health and metrics always; the pages (`web/pages.py`, `bp`) when shipped."""
-    from gpulocker.web import api, health, records_api
+    from gpulocker.web import api, api_scheduling, health, records_api
 
     app.register_blueprint(api.bp)
     app.register_blueprint(records_api.bp)
+    app.register_blueprint(api_scheduling.bp)
     app.register_blueprint(health.bp)
     health.install_request_counter(app)
     if importlib.util.find_spec("gpulocker.web.pages") is not None:
