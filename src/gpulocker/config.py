@@ -21,14 +21,26 @@ from typing import Any
 from dotenv import dotenv_values
 
 from gpulocker import ignored
+from gpulocker.config_parsers import (
+    _bool,
+    _choice,
+    _float,
+    _int_range,
+    _list,
+    _optional_int,
+    _optional_str,
+    _optional_url,
+    _path,
+    _percent,
+    _str,
+    _url,
+)
 from gpulocker.config_parsers import parse_gpu_config as _gpu_config
 from gpulocker.config_parsers import parse_quotas as _quotas
 from gpulocker.safefs import trusted_file_problem
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 BACKENDS = ("nvml", "smi", "simulated")
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
 
 
 SECRET_KEYS = ("SECRET_KEY", "TELEGRAM_BOT_TOKEN")
@@ -146,104 +158,6 @@ class Settings:
 # --- parsers: each takes the raw string and returns the value or raises ValueError(expected)
 
 
-def _str(raw: str) -> str:
-    return raw
-
-
-def _optional_str(raw: str) -> str | None:
-    return raw or None
-
-
-def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        expected = f"an integer >= {low}" if high is None else f"an integer {low}-{high}"
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(expected) from None
-        if value < low or (high is not None and value > high):
-            raise ValueError(expected)
-        return value
-
-    return parse
-
-
-def _optional_int(raw: str) -> int | None:
-    if raw.strip().lower() in ("", "none"):
-        return None
-    return _int_range(1)(raw)
-
-
-def _float(minimum: float = 0.0, strictly_positive: bool = False) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        expected = f"a number {'>' if strictly_positive else '>='} {minimum:g}"
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(expected) from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(expected)
-        if value < minimum or (strictly_positive and value <= minimum):
-            raise ValueError(expected)
-        return value
-
-    return parse
-
-
-def _percent(raw: str) -> float:
-    value = _float()(raw)
-    if value > 100:
-        raise ValueError("a number 0-100")
-    return value
-
-
-def _bool(raw: str) -> bool:
-    word = raw.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise ValueError("true or false")
-
-
-def _choice(options: tuple[str, ...], upper: bool = False) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().upper() if upper else raw.strip().lower()
-        if value not in options:
-            raise ValueError("one of " + ", ".join(options))
-        return value
-
-    return parse
-
-
-def _list(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-def _path(raw: str) -> Path:
-    if not raw.strip():
-        raise ValueError("a path")
-    return Path(raw).expanduser()
-
-
-def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip()
-        if not any(value.startswith(s + "://") or value.startswith(s + ":") for s in schemes):
-            raise ValueError("a URL starting with " + " or ".join(f"{s}://" for s in schemes))
-        return value
-
-    return parse
-
-
-def _optional_url(schemes: tuple[str, ...]) -> Callable[[str], str | None]:
-    def parse(raw: str) -> str | None:
-        return _url(schemes)(raw) if raw.strip() else None
-
-    return parse
-
-
-# Environment key -> (Settings field, parser). Order is the order of SPEC section 3.
 KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "HOST": ("host", _str),
     "PORT": ("port", _int_range(1, 65535)),

@@ -1,4 +1,5 @@
-"""Parsers of the JSON-valued settings (GPU_CONFIG, QUOTAS); config.py uses them.
+"""Parsers of setting values: the small ones (numbers, words, paths, URLs) and the
+JSON-valued ones (GPU_CONFIG, QUOTAS); config.py's KEYS table uses them.
 
 Each raises ValueError saying what is expected; config.py adds the key's name."""
 
@@ -6,7 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from pathlib import Path
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 QUOTA_KEYS = ("gpu_hours_per_week", "max_gpus")
 QUOTA_NAME = re.compile(r"^@?[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 
@@ -67,3 +72,103 @@ def parse_gpu_config(raw: str) -> dict[str, list[int]]:
             seen.add(gpu_id)
         result[str(gpu_type)] = list(ids)
     return result
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+def _optional_str(raw: str) -> str | None:
+    return raw or None
+
+
+def _int_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        expected = f"an integer >= {low}" if high is None else f"an integer {low}-{high}"
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(expected) from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _optional_int(raw: str) -> int | None:
+    if raw.strip().lower() in ("", "none"):
+        return None
+    return _int_range(1)(raw)
+
+
+def _float(minimum: float = 0.0, strictly_positive: bool = False) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        expected = f"a number {'>' if strictly_positive else '>='} {minimum:g}"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(expected) from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(expected)
+        if value < minimum or (strictly_positive and value <= minimum):
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _percent(raw: str) -> float:
+    value = _float()(raw)
+    if value > 100:
+        raise ValueError("a number 0-100")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError("true or false")
+
+
+def _choice(options: tuple[str, ...], upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _path(raw: str) -> Path:
+    if not raw.strip():
+        raise ValueError("a path")
+    return Path(raw).expanduser()
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if not any(value.startswith(s + "://") or value.startswith(s + ":") for s in schemes):
+            raise ValueError("a URL starting with " + " or ".join(f"{s}://" for s in schemes))
+        return value
+
+    return parse
+
+
+def _optional_url(schemes: tuple[str, ...]) -> Callable[[str], str | None]:
+    def parse(raw: str) -> str | None:
+        return _url(schemes)(raw) if raw.strip() else None
+
+    return parse
+
+
+# Environment key -> (Settings field, parser). Order is the order of SPEC section 3.
