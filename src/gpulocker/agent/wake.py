@@ -4,8 +4,8 @@
   notifies it (`gpulocker.changes`), from any host.
 - SQLite: inotify on the database's write-ahead log (every writer shares this host), so a
   commit by the web server, the local socket or a CLI command wakes the agent.
-- Device files: inotify IN_ATTRIB on each managed file, so a chmod or setfacl by someone
-  else is undone at once; IN_DELETE_SELF/IN_MOVE_SELF when the file is replaced.
+- Device files are not watched here: `agent/watch.py` restores them from its own thread,
+  without waiting for the loop.
 
 `wait(timeout)` blocks in one `select` on all of these (and a pipe `wake()` writes to,
 used to stop), so an idle agent sleeps. Whatever fails here only costs latency: the
@@ -33,11 +33,8 @@ from gpulocker.changes import CHANNEL
 log = logging.getLogger(__name__)
 
 IN_MODIFY = 0x002
-IN_ATTRIB = 0x004
 IN_CLOSE_WRITE = 0x008
 IN_CREATE = 0x100
-IN_DELETE_SELF = 0x400
-IN_MOVE_SELF = 0x800
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 _EVENT = struct.Struct("iIII")
@@ -92,7 +89,6 @@ class Waker:
         self._inotify: _Inotify | None = None
         self._db_watch: int | None = None
         self._db_names: set[str] = set()
-        self._file_watches: dict[str, int] = {}
         self._pg: Any = None
         self._pg_fd = -1
         self._pg_retry_at = 0.0
@@ -104,7 +100,7 @@ class Waker:
             self._inotify = _Inotify()
             self._selector.register(self._inotify.fd, selectors.EVENT_READ, "inotify")
         except OSError as exc:
-            log.warning("inotify unavailable (%s); device file drift waits for the poll", exc)
+            log.warning("inotify unavailable (%s); SQLite commits wait for the poll", exc)
         url = make_url(database_url)
         if url.get_backend_name() == "sqlite":
             self._watch_sqlite(url.database)
@@ -156,19 +152,6 @@ class Waker:
         self._pg = None
         self._pg_retry_at = time.monotonic() + RECONNECT_SECONDS
 
-    def watch_files(self, paths: list[str]) -> None:
-        """Wake when one of these files' permissions change (re-added when replaced)."""
-        if self._inotify is None:
-            return
-        for path in paths:
-            if path in self._file_watches:
-                continue
-            try:
-                wd = self._inotify.add(path, IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF)
-            except OSError:
-                continue  # missing: the reconcile logs it; retried at the next call
-            self._file_watches[path] = wd
-
     # --- waiting
 
     def wake(self) -> None:
@@ -206,13 +189,8 @@ class Waker:
     def _inotify_events(self) -> bool:
         assert self._inotify is not None
         woken = False
-        for wd, mask, name in self._inotify.drain():
-            if wd == self._db_watch:
-                woken |= name in self._db_names
-                continue
-            woken = True  # a device file's permissions changed, or it went away
-            if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
-                self._file_watches = {p: w for p, w in self._file_watches.items() if w != wd}
+        for wd, _mask, name in self._inotify.drain():
+            woken |= wd == self._db_watch and name in self._db_names
         return woken
 
     def _pg_events(self) -> bool:
@@ -265,7 +243,7 @@ def start(agent: Any) -> Waker | None:
     except OSError as exc:
         log.warning("no change wake-ups (%s); polling instead", exc)
         return None
-    log.info("agent wakes on: %s", ", ".join([*waker.sources, "device-file inotify"]))
+    log.info("agent wakes on: %s", ", ".join(waker.sources))
     return waker
 
 
@@ -275,7 +253,6 @@ def sleep(agent: Any, stop: Any) -> None:
     if waker.second_look:
         waker.second_look = False
         agent.run_soon("reconcile", SECOND_LOOK_SECONDS)
-    waker.watch_files(list(agent.devices.values()))
     try:
         woken = waker.wait(agent.seconds_to_next_step())
     except Exception:  # the wake-ups only save latency: never let them stop the agent
