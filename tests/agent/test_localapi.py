@@ -364,6 +364,17 @@ GOOD_ARGS: dict[str, dict[str, Any]] = {
     "lockouts.lift": {"user": "x"},
     "maintenance.set_enabled": {"enabled": True},
     "notify.admin_message": {"user": "x", "message": "m"},
+    "requests.submit": {"gpu_type": "4090", "count": 1, "hours": 1},
+    "requests.get": {"id": 1},
+    "requests.cancel": {"id": 1},
+    "reservations.book": {
+        "gpu_type": "4090",
+        "count": 1,
+        "start": "2031-01-01T00:00:00+00:00",
+        "hours": 1,
+    },
+    "reservations.get": {"id": 1},
+    "reservations.cancel": {"id": 1},
 }
 
 
