@@ -7,7 +7,7 @@ set -euo pipefail
 what=${1:-run}
 packages=(python3 python3-venv python3-dev gcc libacl1-dev acl libpam-runtime)
 if [ "$what" = test ]; then
-  packages+=(chromium fonts-dejavu-core wrk procps util-linux)
+  packages+=(chromium fonts-dejavu-core wrk procps util-linux systemd)
 fi
 missing=()
 for p in "${packages[@]}"; do
