@@ -283,5 +283,9 @@ def test_both_doors_judge_the_agent_alive_by_one_threshold(
             row = heartbeat.last(session, heartbeat.agent_name(doors.ctx.settings.gpu_host))
             assert row is not None
             row.at = utcnow() - timedelta(seconds=silent_for)
-        answer = door(ALICE, "allocations.request", GOOD["allocations.request"][1])["result"]
-        assert (answer["agent"], answer["access"]) == (agent, "pending")  # no agent applies it
+        answer = door(ALICE, "allocations.request", GOOD["allocations.request"][1])
+        if agent == "running":
+            assert (answer["result"]["agent"], answer["result"]["access"]) == (agent, "pending")
+        else:  # a silent host's GPUs are not granted (SPEC §10), saying why, on both doors
+            assert answer["error"]["code"] == "not_enough_gpus", answer
+            assert "AGENT_STALE_SECONDS" in answer["error"]["message"]

@@ -44,7 +44,9 @@ def test_a_booking_start_wakes_it_without_an_event(settings: Settings, db: Datab
 def test_only_the_lease_holder_schedules(settings: Settings, db: Database) -> None:
     ctx = Context(settings)
     agent = Agent(ctx)
-    assert lease.acquire(db, scheduler_step.LEASE, 60, holder="otherhost:1:x")
+    assert lease.acquire(
+        db, scheduler_step.LEASE, scheduler_step.LEASE_SECONDS, holder="otherhost:1:x"
+    )
     allocations.request(db, settings, CAROL, "a100", 2, 5)
     waiting = queue.submit(db, settings, ALICE, "a100", 1, 1)
     allocations.release_all(db, settings, CAROL)
