@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,11 +55,16 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         try:
             # Not readable by others outside systemd either (SPEC §12): 0700 folder, 0600
             # database; SQLite gives the WAL and SHM the database's mode.
+            # A setgid folder is shared with the web's own group (install, or `serve` as
+            # root with an unprivileged web half): there the group keeps read-write.
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = safefs.open_nofollow(database, os.O_RDONLY | os.O_CREAT, 0o600)
+            shared = bool(os.lstat(folder).st_mode & stat.S_ISGID)
+            fd = safefs.open_nofollow(
+                database, os.O_RDONLY | os.O_CREAT, 0o660 if shared else 0o600
+            )
             os.close(fd)
             for suffix in ("", "-wal", "-shm"):
-                safefs.make_private(f"{database}{suffix}")
+                safefs.make_private(f"{database}{suffix}", shared=shared)
         except OSError as exc:
             raise ConfigError(
                 f"STATE_DIR: expected a directory GPULocker can create for the database "

@@ -81,10 +81,13 @@ def trusted_file_problem(info: os.stat_result, uid: int) -> str | None:
     return None
 
 
-def make_private(path: str | Path, folder: bool = False) -> None:
-    """Take group/other read (and any write) away from a state file or folder of ours: the
-    database holds Telegram link codes and NOTIFY_URLS credentials. A file owned by another
-    user is refused, not fixed: someone put it there."""
+def make_private(path: str | Path, folder: bool = False, shared: bool = False) -> None:
+    """Take other users' (and, unless `shared`, the group's) access away from a state file
+    or folder of ours: the database holds Telegram link codes and NOTIFY_URLS credentials.
+    `shared` is a state folder made setgid for the web's own group (install, or `serve` as
+    root running its web half unprivileged): the group keeps its access there. A file
+    owned by another user is refused, not fixed: someone put it there; one of root's seen
+    by the unprivileged web half is left as root made it."""
     try:
         fd = open_nofollow(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     except FileNotFoundError:
@@ -94,8 +97,9 @@ def make_private(path: str | Path, folder: bool = False) -> None:
         if info.st_uid not in (0, os.geteuid()):
             raise UnsafePath(f"{path}: owned by uid {info.st_uid}, not by GPULocker's user")
         mode = stat.S_IMODE(info.st_mode)
-        wanted = mode & (0o750 if folder else 0o600)
-        if wanted != mode:
+        keep = (0o2770 if folder else 0o660) if shared else (0o750 if folder else 0o600)
+        wanted = mode & keep
+        if wanted != mode and info.st_uid == os.geteuid():
             os.fchmod(fd, wanted)
     finally:
         os.close(fd)
@@ -105,6 +109,7 @@ def private_state(folder: str | Path, files: tuple[str, ...] = ()) -> None:
     """Create or fix the state folder (0700) and the named files in it (0600)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    make_private(folder, folder=True)
+    shared = bool(os.lstat(folder).st_mode & stat.S_ISGID)
+    make_private(folder, folder=True, shared=shared)
     for name in files:
-        make_private(folder / name)
+        make_private(folder / name, shared=shared)
