@@ -22,13 +22,21 @@ from gpulocker.models import Lease, utcnow
 
 PROCESS_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
+# How far a lease may end beyond what a caller's own clock allows before it counts as
+# taken under a clock since stepped back. Callers read their clock before they wait for
+# the row (or SQLite's write lock), and hosts' clocks differ a little: without this slack
+# a caller that read its clock a millisecond before the winner committed took the lease
+# too (two processes ran a once-per-period job; CI saw it with six racing processes).
+CLOCK_SLACK = timedelta(seconds=30)
+
 
 def _free(now: datetime, until: datetime) -> tuple[ColumnElement[bool], ...]:
     """A lease is free when it has expired, or when it ends later than any lease of this
-    length taken now could: the wall clock was stepped back since it was taken. Without the
-    second test a clock stepped back by T would stall expiry (and the lease's holder's
-    failover) for T; leases span hosts, so a monotonic clock cannot be shared instead."""
-    return (Lease.expires_at <= now, Lease.expires_at > until)
+    length taken now could, by more than `CLOCK_SLACK`: the wall clock was stepped back
+    since it was taken. Without the second test a clock stepped back by T would stall
+    expiry (and the lease's holder's failover) for T; leases span hosts, so a monotonic
+    clock cannot be shared instead."""
+    return (Lease.expires_at <= now, Lease.expires_at > until + CLOCK_SLACK)
 
 
 def acquire(db: Database, name: str, seconds: float, holder: str = PROCESS_ID) -> bool:

@@ -30,3 +30,17 @@ def test_a_periodic_slot_runs_after_a_backward_step(db: Database) -> None:
         clock.shift(61)
         assert lease.claim_slot(db, "job", 60, holder="a")
         assert not lease.claim_slot(db, "job", 60, holder="b")
+
+
+def test_a_caller_whose_clock_reads_a_little_earlier_does_not_take_the_slot(db: Database) -> None:
+    # Six processes racing for a slot read their clocks before waiting for the write lock;
+    # the one that read it a moment before the winner committed must still lose. Another
+    # host whose clock is a few seconds behind must lose too.
+    start = utcnow()
+    with time_machine.travel(start, tick=False) as clock:
+        assert lease.claim_slot(db, "job", 3600, holder="a")
+        clock.move_to(start - timedelta(milliseconds=5))
+        assert not lease.claim_slot(db, "job", 3600, holder="b")
+        clock.move_to(start - timedelta(seconds=5))
+        assert not lease.claim_slot(db, "job", 3600, holder="c")
+        assert not lease.acquire(db, "job", 3600, holder="c")
