@@ -88,6 +88,7 @@ def server(pam_service: str, users: dict[str, TestUser]) -> Iterator[Server]:
         "GPULOCKER_ENV_FILE": str(base / "none.env"),
         "STATE_DIR": str(base / "state"),
         "DEVICE_DIR": str(base / "dev"),
+        "SOCKET_PATH": str(base / "gl.sock"),  # never the host's /run/gpulocker
         "GPU_HOST": "browserhost",
         "PAM_SERVICE": pam_service,
         "PRIVILEGED_USERS": ADMIN,

@@ -72,7 +72,7 @@ def run_operation(operation: Any, mode: GenerationMode, headers: dict[str, str])
 # schemathesis.pytest.from_fixture cannot run under pytest 9 (it needs Function._nodeid), so
 # the operations are walked here, each with positive and negative data.
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("user", [ADMIN, ALICE])
+@pytest.mark.parametrize("user", [ADMIN, ALICE], ids=["admin", "alice"])
 def test_the_api_keeps_its_description(
     app: Flask, ctx: Context, pam_service: str, user: str
 ) -> None:
