@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, insert, select
+from sqlalchemy import event, func, insert, select, text
 
 from gpulocker import lease, retention
 from gpulocker.config import ConfigError, Settings, load_settings
@@ -26,6 +26,7 @@ from gpulocker.models import (
     OutboxMessage,
     utcnow,
 )
+from gpulocker.web import create_app
 from tests.conftest import TEST_HOST
 from tests.helpers import ALICE, BOB
 
@@ -293,3 +294,26 @@ def test_the_settings_parse_strictly_and_default_sensibly(tmp_path: Any) -> None
         "(0 = keep for ever), got '-1'"
     )
 
+
+def test_metrics_show_the_rows_of_every_table(settings: Settings, db: Database) -> None:
+    ctx = Context(settings)
+    now = utcnow()
+    events = len(ids(db, Event)) + 7
+    with db.transaction() as session:
+        session.execute(insert(Event), [{"at": now, "kind": "k", "actor": "t", "message": ""}] * 7)
+        if not db.is_sqlite:
+            session.execute(text("SELECT pg_stat_force_next_flush()"))  # the estimate, now
+    exact = counts(db)
+    rows, is_exact = retention.table_rows(ctx.db)
+    assert is_exact is db.is_sqlite
+    assert set(rows) == set(Base.metadata.tables) and "queued_requests" in rows
+    assert rows["events"] == exact["events"] == events
+    if db.is_sqlite:  # the estimate of rows another connection wrote may lag a second or so
+        assert rows == exact
+    body = create_app(ctx=ctx).test_client().get("/metrics").get_data(as_text=True)
+    assert "# TYPE gpulocker_table_rows gauge" in body
+    assert f'gpulocker_table_rows{{table="events"}} {events}' in body
+    assert 'gpulocker_table_rows{table="gpu_samples"} 0' in body
+    assert ("exact, count(*)" in body) is db.is_sqlite
+    assert ("pg_stat_user_tables.n_live_tup" in body) is not db.is_sqlite
+    ctx.close()
