@@ -1,5 +1,6 @@
-"""History (what the agent records every GPU_ACTIVITY_CHECK_MINUTES, pruned after
-GPU_UTILIZATION_HISTORY_DAYS), its downsampled series, and live publication."""
+"""History (what the agent records every GPU_ACTIVITY_CHECK_MINUTES; pruning after
+GPU_UTILIZATION_HISTORY_DAYS is tests/test_retention.py), its downsampled series, and live
+publication."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import time_machine
 from sqlalchemy import func, insert, select
 
 from gpulocker import allocations, history, live
@@ -76,28 +76,6 @@ def test_it_does_not_record_a_stale_reading(ctx: Context, settings: Settings) ->
     later = utcnow() + history.max_sample_age(settings) + timedelta(seconds=1)
     assert history.record(ctx, HOST, samples, now=later) == 0
     assert history.record(ctx, HOST, samples) == 6
-
-
-def test_it_prunes_rows_older_than_the_retention(ctx: Context, settings: Settings) -> None:
-    ctx = Context(settings.with_overrides(gpu_utilization_history_days=2.0))
-    backend = SimulatedBackend(settings.gpu_config, settings.device_path)
-    start = utcnow()
-    for day in (0, 1, 3):
-        with time_machine.travel(start + timedelta(days=day)):
-            history.record(ctx, HOST, backend.sample())
-            history.record(ctx, "otherhost", backend.sample())
-    with time_machine.travel(start + timedelta(days=2, hours=23)):
-        deleted = history.prune(ctx, HOST, range(6))
-    assert deleted == 6  # day 0 of this host only; day 1 is within 2 days
-    left = [(r.host, (r.at - start).days) for r in rows(ctx.db) if r.gpu_id == 0]
-    assert sorted(left) == [
-        ("otherhost", 0),
-        ("otherhost", 1),
-        ("otherhost", 3),
-        (HOST, 1),
-        (HOST, 3),
-    ]
-    ctx.close()
 
 
 def fill(db: Database, gpu_id: int, start: datetime, count: int, every: timedelta, util) -> None:

@@ -32,6 +32,7 @@ from gpulocker.config_parsers import (
     _optional_url,
     _path,
     _percent,
+    _retention_days,
     _str,
     _url,
 )
@@ -118,6 +119,10 @@ class Settings:
     fairshare_half_life_hours: float = 168.0
     reservation_max_days_ahead: float = 30.0
     quotas: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Retention (gpulocker/retention.py; 0 = keep for ever). Samples: GPU_UTILIZATION_HISTORY_DAYS.
+    event_retention_days: float = 365.0
+    notification_retention_days: float = 90.0
+    outbox_retention_days: float = 30.0
 
     @property
     def effective_redis_url(self) -> str | None:
@@ -176,10 +181,7 @@ KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "MIN_GPU_UTILIZATION_PERCENT": ("min_gpu_utilization_percent", _percent),
     "MIN_GPU_MEMORY_GB": ("min_gpu_memory_gb", _float()),
     "FORCE_REVOKE": ("force_revoke", _bool),
-    "GPU_UTILIZATION_HISTORY_DAYS": (
-        "gpu_utilization_history_days",
-        _float(strictly_positive=True),
-    ),
+    "GPU_UTILIZATION_HISTORY_DAYS": ("gpu_utilization_history_days", _retention_days),
     "GPU_ACTIVITY_CHECK_MINUTES": ("gpu_activity_check_minutes", _float(strictly_positive=True)),
     "REVOKE_IDLE_GPU_AFTER_HOURS": ("revoke_idle_gpu_after_hours", _float(strictly_positive=True)),
     "REDIS_HOST": ("redis_host", _optional_str),
@@ -221,6 +223,9 @@ KEYS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "FAIRSHARE_HALF_LIFE_HOURS": ("fairshare_half_life_hours", _float(strictly_positive=True)),
     "RESERVATION_MAX_DAYS_AHEAD": ("reservation_max_days_ahead", _float(strictly_positive=True)),
     "QUOTAS": ("quotas", _quotas),
+    "EVENT_RETENTION_DAYS": ("event_retention_days", _retention_days),
+    "NOTIFICATION_RETENTION_DAYS": ("notification_retention_days", _retention_days),
+    "OUTBOX_RETENTION_DAYS": ("outbox_retention_days", _retention_days),
 }
 
 _FIELD_NAMES = {f.name for f in fields(Settings)}

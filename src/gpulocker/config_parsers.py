@@ -118,6 +118,19 @@ def _float(minimum: float = 0.0, strictly_positive: bool = False) -> Callable[[s
     return parse
 
 
+KEEP_FOREVER_WORDS = ("never", "forever")
+
+
+def _retention_days(raw: str) -> float:
+    """Days to keep rows; 0, `never` or `forever` means keep them for ever (returned as 0)."""
+    if raw.strip().lower() in KEEP_FOREVER_WORDS:
+        return 0.0
+    try:
+        return _float()(raw)
+    except ValueError:
+        raise ValueError("a number of days >= 0, or never (0 = keep for ever)") from None
+
+
 def _percent(raw: str) -> float:
     value = _float()(raw)
     if value > 100:

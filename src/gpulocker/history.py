@@ -1,5 +1,5 @@
 """GPU history: sampling (every GPU_ACTIVITY_CHECK_MINUTES the agent stores each GPU's
-utilization, memory, holder and process count, and drops rows older than
+utilization, memory, holder and process count; `gpulocker.retention` drops rows older than
 GPU_UTILIZATION_HISTORY_DAYS) and the queries over those rows (charts).
 
 The rows feed the history charts and the idle policy. Only fresh, healthy readings are
@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Float, Integer, cast, delete, func, select
+from sqlalchemy import Float, Integer, cast, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -74,32 +74,10 @@ def record(
     return len(fresh)
 
 
-def prune(ctx: Context, host: str, gpu_ids: Iterable[int], now: datetime | None = None) -> int:
-    """Delete `host`'s rows older than the retention, GPU by GPU (so the index is used)."""
-    cutoff = (now or utcnow()) - timedelta(days=ctx.settings.gpu_utilization_history_days)
-    deleted = 0
-    with ctx.db.transaction() as session:
-        for gpu_id in gpu_ids:
-            result = session.execute(
-                delete(GpuSample).where(
-                    GpuSample.host == host, GpuSample.gpu_id == gpu_id, GpuSample.at < cutoff
-                )
-            )
-            deleted += result.rowcount  # type: ignore[attr-defined]
-    return deleted
-
-
 def history_step(agent: HostView) -> bool:
-    """Agent step: record the newest samples and prune old rows. True if it wrote anything."""
-    written = record(agent.ctx, agent.host, list(agent.samples.values()))
-    pruned = prune(agent.ctx, agent.host, list(agent.samples))
-    if pruned:
-        log.info(
-            "pruned %d history rows older than %g days",
-            pruned,
-            agent.settings.gpu_utilization_history_days,
-        )
-    return bool(written or pruned)
+    """Agent step: record the newest samples. True if it wrote any. (Old rows are pruned by
+    `gpulocker.retention`, in batches, with the other tables.)"""
+    return bool(record(agent.ctx, agent.host, list(agent.samples.values())))
 
 
 def history_every(settings: Settings) -> float:

@@ -87,14 +87,17 @@ def make_private(path: str | Path, folder: bool = False, shared: bool = False) -
     `shared` is a state folder made setgid for the web's own group (install, or `serve` as
     root running its web half unprivileged): the group keeps its access there. A file
     owned by another user is refused, not fixed: someone put it there; one of root's seen
-    by the unprivileged web half is left as root made it."""
+    by the unprivileged web half is left as root made it, and so is one the web half made
+    in a shared folder (in the folder's group: SQLite's WAL and SHM belong to whichever
+    process opened the database first; only root and that group can write there)."""
     try:
         fd = open_nofollow(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     except FileNotFoundError:
         return
     try:
         info = os.fstat(fd)
-        if info.st_uid not in (0, os.geteuid()):
+        ours = info.st_uid in (0, os.geteuid())
+        if not ours and not (shared and not folder and _in_folder_group(path, info)):
             raise UnsafePath(f"{path}: owned by uid {info.st_uid}, not by GPULocker's user")
         mode = stat.S_IMODE(info.st_mode)
         keep = (0o2770 if folder else 0o660) if shared else (0o750 if folder else 0o600)
@@ -103,6 +106,11 @@ def make_private(path: str | Path, folder: bool = False, shared: bool = False) -
             os.fchmod(fd, wanted)
     finally:
         os.close(fd)
+
+
+def _in_folder_group(path: str | Path, info: os.stat_result) -> bool:
+    """True when the file's group is its (setgid, shared) folder's."""
+    return info.st_gid == os.lstat(Path(path).parent).st_gid
 
 
 def private_state(folder: str | Path, files: tuple[str, ...] = ()) -> None:

@@ -56,6 +56,7 @@ def default_steps() -> list[AgentStep]:
     from gpulocker.notify.linking import TelegramLinkStep
     from gpulocker.notify.outbox import OutboxStep
     from gpulocker.policies import PoliciesStep
+    from gpulocker.retention import RetentionStep
     from gpulocker.scheduler_step import SchedulerStep
 
     return [
@@ -67,6 +68,7 @@ def default_steps() -> list[AgentStep]:
         OutboxStep(),
         TelegramLinkStep(),
         DiskStep(),
+        RetentionStep(),
     ]
 
 

@@ -70,6 +70,9 @@ SSL_KEY={key}
 # DATABASE_URL=postgresql://gpulocker@localhost/gpulocker
 # REDIS_URL=redis://localhost:6379/0
 # TRUSTED_PROXY=1   (a TLS proxy in front: drop SSL_CERT/SSL_KEY, HOST=127.0.0.1)
+# Days kept before pruning (0 = for ever; docs/operations.md, Retention):
+# EVENT_RETENTION_DAYS=365  GPU_UTILIZATION_HISTORY_DAYS=7
+# NOTIFICATION_RETENTION_DAYS=90  OUTBOX_RETENTION_DAYS=30
 """
 
 
