@@ -53,6 +53,17 @@ def test_dry_run_writes_nothing_and_names_every_file(tmp_path: Path) -> None:
     assert tree(root) == []
 
 
+def test_without_the_nvidia_options_it_writes_none_and_asks_for_no_driver_reload(
+    tmp_path: Path,
+) -> None:
+    output = install(tmp_path, "--no-nvidia-options")
+    assert not (tmp_path / "etc/modprobe.d/gpulocker-nvidia.conf").exists()
+    assert "Reload the NVIDIA driver" not in output
+    assert "  1. Edit /etc/gpulocker/gpulocker.env" in output
+    assert "  3. gpulocker doctor" in output  # renumbered
+    assert "Reload the NVIDIA driver" in install(tmp_path / "with")
+
+
 def test_install_writes_the_files_keeps_the_env_file_and_a_certificate(tmp_path: Path) -> None:
     install(tmp_path)
     env = tmp_path / "etc/gpulocker/gpulocker.env"

@@ -153,14 +153,18 @@ def uninstall_actions(root: Path, purge: bool) -> list[Action]:
 
 
 def next_steps(opts: InstallOptions) -> str:
-    return f"""\
-Next:
-  1. Edit {ENV_FILE}: GPU_CONFIG, PRIVILEGED_USERS (and DATABASE_URL for several hosts).
-  2. Reload the NVIDIA driver (or reboot) so {NVIDIA_FILE} applies.
-  3. systemctl enable --now gpulocker-agent gpulocker-web
-  4. gpulocker doctor
-  5. Open https://{opts.hostname or os.uname().nodename}:{opts.port}/ (a self-signed
-     certificate unless you gave one: docs/operations.md says how to use a real one)."""
+    """What the admin does after install, numbered; the driver step only when install wrote
+    the module options (without them `gpulocker doctor` says what to write)."""
+    steps = [f"Edit {ENV_FILE}: GPU_CONFIG, PRIVILEGED_USERS (and DATABASE_URL for several hosts)."]
+    if opts.nvidia_options:
+        steps.append(f"Reload the NVIDIA driver (or reboot) so {NVIDIA_FILE} applies.")
+    steps += [
+        "systemctl enable --now gpulocker-agent gpulocker-web",
+        "gpulocker doctor",
+        f"Open https://{opts.hostname or os.uname().nodename}:{opts.port}/ (a self-signed\n"
+        "     certificate unless you gave one: docs/operations.md says how to use a real one).",
+    ]
+    return "Next:\n" + "\n".join(f"  {n}. {step}" for n, step in enumerate(steps, 1))
 
 
 def _user_exists(user: str) -> bool:
