@@ -4,6 +4,9 @@ VENV ?= .venv
 PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 SIMULATE ?= {"4090": 4, "a100": 2}
 PORT ?= 5151
+# Tests run in parallel: most of their time is spent waiting (processes, PAM, databases),
+# and each worker has its own users, PAM service, databases and Redis database.
+TEST_WORKERS ?= 3
 
 .PHONY: setup run test lint format bench screenshots clean
 
@@ -22,7 +25,7 @@ run: setup
 test: setup
 	scripts/system-deps.sh test
 	scripts/services.sh
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts
