@@ -23,6 +23,7 @@ from werkzeug.serving import make_server
 
 from gpulocker import allocations, live, lockouts
 from gpulocker.agent import localapi
+from gpulocker.cli import client
 from gpulocker.cli.main import main
 from gpulocker.cli.render import duration, staleness_note, time_left
 from gpulocker.context import Context
@@ -219,7 +220,11 @@ def test_it_shows_every_gpu_with_holder_load_and_processes(
     assert "\x1b[" in coloured.stdout
 
 
-def test_it_explains_when_no_agent_is_there(tmp_path: Path) -> None:
+def test_it_explains_when_no_agent_is_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The host's own /run/gpulocker may hold a live agent (or another test's): look elsewhere.
+    monkeypatch.setattr(client, "ROOT_SOCKET", tmp_path / "run/gpulocker/gpulocker.sock")
     runner = CliRunner(
         env={
             "XDG_CONFIG_HOME": str(tmp_path / "config"),
@@ -229,7 +234,7 @@ def test_it_explains_when_no_agent_is_there(tmp_path: Path) -> None:
     )
     result = runner.invoke(main, ["status"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("gpulocker: no GPULocker agent socket at /run/gpulocker/")
+    assert result.stderr.startswith(f"gpulocker: no GPULocker agent socket at {tmp_path}/run/")
     gone = runner.invoke(main, ["list", "--socket", str(tmp_path / "gone.sock")])
     assert gone.exit_code == 1
     assert "cannot talk to the GPULocker agent" in gone.stderr
