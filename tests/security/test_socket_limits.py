@@ -48,8 +48,8 @@ def server(ctx: Context, device_dir: Path, users: dict[str, TestUser]) -> Iterat
     srv.close()
 
 
-def _hold_as(uid: int, path: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
+def _start_holder(uid: int, path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(path)],
         user=uid,
         group=uid,
@@ -60,20 +60,28 @@ def _hold_as(uid: int, path: Path) -> tuple[subprocess.Popen[str], str]:
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+def _said(proc: subprocess.Popen[str]) -> str:
     assert proc.stdout is not None
-    return proc, proc.stdout.readline().strip()
+    return proc.stdout.readline().strip()
+
+
+def _hold_all(uids: list[int], path: Path, held: list[subprocess.Popen[str]]) -> list[str]:
+    """Connect as each uid at once (each holder waits a second for an answer), then read
+    what each was told: in parallel, so the test waits one second, not one per holder."""
+    procs = [_start_holder(uid, path) for uid in uids]
+    held.extend(procs)
+    return [_said(proc) for proc in procs]
 
 
 def test_subuids_count_as_their_owner(server: localapi.Server, users: dict[str, TestUser]) -> None:
     server.first_request_timeout = 60  # they hold their slots without asking anything
     held = []
     try:
-        for n in range(server.admission.per_person):
-            proc, said = _hold_as(SUB_START + n, server.path)
-            held.append(proc)
-            assert said == "held"
-        proc, said = _hold_as(SUB_START + 500, server.path)
-        held.append(proc)
+        uids = [SUB_START + n for n in range(server.admission.per_person)]
+        assert _hold_all(uids, server.path, held) == ["held"] * len(uids)
+        (said,) = _hold_all([SUB_START + 500], server.path, held)
         assert json.loads(said)["error"]["code"] == "busy"
         assert call_as(users[CAROL], server.path, "me")["result"]["username"] == CAROL
     finally:
@@ -88,13 +96,10 @@ def test_uids_without_an_account_share_a_small_allowance(
     server.first_request_timeout = 60
     held = []
     try:
-        answers = []
-        for n in range(server.admission.strangers + 1):
-            proc, said = _hold_as(610_000 + n * 7, server.path)
-            held.append(proc)
-            answers.append(said)
-        assert answers[:-1] == ["held"] * server.admission.strangers
-        assert json.loads(answers[-1])["error"]["code"] == "busy"
+        uids = [610_000 + n * 7 for n in range(server.admission.strangers)]
+        assert _hold_all(uids, server.path, held) == ["held"] * len(uids)
+        (said,) = _hold_all([610_000 + 500 * 7], server.path, held)
+        assert json.loads(said)["error"]["code"] == "busy"
         assert call_as(users[CAROL], server.path, "me")["result"]["username"] == CAROL
     finally:
         for proc in held:
