@@ -14,8 +14,36 @@ from gpulocker.context import Context
 from gpulocker.errors import Invalid
 from gpulocker.models import ACTIVE, BOOKED, WAITING, Allocation, utcnow
 from gpulocker.scheduling_models import QueuedRequest, Reservation
+from gpulocker.schemas_scheduling import MAX_CALENDAR_DAYS
 
-MAX_CALENDAR_DAYS = 31
+
+def take(
+    ctx: Context,
+    actor: str,
+    gpu_type: str,
+    count: int | None,
+    hours: float,
+    wait: bool = False,
+    wait_hours: float | None = None,
+    gpu_ids: list[int] | None = None,
+    user: str | None = None,
+) -> tuple[list[Allocation], dict[str, Any] | None]:
+    """An immediate request, or with `wait` one that may queue: (the allocations, None)
+    when granted now, ([], the waiting request's record) when it waits in line."""
+    if not wait:
+        rows = allocations.request(
+            ctx.db, ctx.settings, actor, gpu_type, count, hours, gpu_ids, user
+        )
+        return rows, None
+    if gpu_ids is not None:
+        raise Invalid("gpu_ids cannot wait: ask for a count")
+    rows, waiting = scheduler.request_or_wait(
+        ctx.db, ctx.settings, actor, gpu_type, count or 0, hours, wait_hours, user
+    )
+    if waiting is None:
+        return rows, None
+    scheduler.serve_queue(ctx.db, ctx.settings, utcnow())  # it may fit behind nobody
+    return [], request_get(ctx, actor, waiting.id)["request"]
 
 
 def request(
@@ -29,28 +57,15 @@ def request(
     gpu_ids: list[int] | None = None,
     user: str | None = None,
 ) -> dict[str, Any]:
-    """An immediate request, or with `wait` one that may queue: {"allocations": [...],
-    "cuda_visible_devices": "..."} when granted, {"request": {...}} (202) when it waits."""
-    if not wait:
-        rows = allocations.request(
-            ctx.db, ctx.settings, actor, gpu_type, count, hours, gpu_ids, user
-        )
-        return {
-            "allocations": [r.to_dict() for r in rows],
-            "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
-        }
-    if gpu_ids is not None:
-        raise Invalid("gpu_ids cannot wait: ask for a count")
-    rows, waiting = scheduler.request_or_wait(
-        ctx.db, ctx.settings, actor, gpu_type, count or 0, hours, wait_hours, user
-    )
-    if waiting is None:
-        return {
-            "allocations": [r.to_dict() for r in rows],
-            "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
-        }
-    scheduler.serve_queue(ctx.db, ctx.settings, utcnow())  # it may fit behind nobody
-    return {"request": request_get(ctx, actor, waiting.id)["request"]}
+    """`take` as JSON: {"allocations": [...], "cuda_visible_devices": "..."} when granted,
+    {"request": {...}} (202) when it waits."""
+    rows, waiting = take(ctx, actor, gpu_type, count, hours, wait, wait_hours, gpu_ids, user)
+    if waiting is not None:
+        return {"request": waiting}
+    return {
+        "allocations": [r.to_dict() for r in rows],
+        "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
+    }
 
 
 def submit(
