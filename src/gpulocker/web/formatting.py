@@ -116,6 +116,7 @@ def hours(value: float) -> str:
 
 
 FILTERS: dict[str, Callable[..., Any]] = {
+    "as_datetime": as_datetime,
     "time_left": time_left,
     "ago": ago,
     "utc": utc,
