@@ -121,11 +121,13 @@ def _with_gaps(busy: list[Segment], start: datetime, end: datetime, pct: Any) ->
 
 
 def ticks(start: datetime, end: datetime, pct: Any) -> list[Tick]:
-    """A line at every midnight (UTC); for a window of two days or less, every 3 hours."""
-    step = timedelta(hours=3) if end - start <= timedelta(days=2) else timedelta(days=1)
+    """A line at every midnight (UTC), and within up to four days every 6 hours (up to
+    two days, every 3)."""
+    span = end - start
+    hours = 3 if span <= timedelta(days=2) else 6 if span <= timedelta(days=4) else 24
+    step = timedelta(hours=hours)
     moment = start.replace(minute=0, second=0, microsecond=0)
-    moment = moment.replace(hour=0) if step == timedelta(days=1) else moment
-    moment = moment.replace(hour=moment.hour - moment.hour % 3)
+    moment = moment.replace(hour=moment.hour - moment.hour % hours)
     out = []
     while moment < end:
         moment += step
