@@ -84,14 +84,29 @@ def submit(
     return request_get(ctx, actor, row.id)
 
 
-def _request_dict(ctx: Context, row: QueuedRequest, places: dict[int, int]) -> dict[str, Any]:
-    out = row.to_dict(places.get(row.id))
-    if row.allocation_ids:
-        with ctx.db.session() as session:
-            rows = session.scalars(
-                select(Allocation).where(Allocation.id.in_(row.allocation_ids))
-            ).all()
-        out["cuda_visible_devices"] = allocations.cuda_visible_devices(ctx.db, rows)
+def _request_dicts(
+    ctx: Context, rows: list[QueuedRequest], places: dict[int, int]
+) -> list[dict[str, Any]]:
+    """The public records of `rows`, a granted one with its CUDA line: two queries however
+    many there are (the dashboard polls a user's whole list every second or two)."""
+    ids = [i for row in rows for i in row.allocation_ids or []]
+    with ctx.db.session() as session:
+        held = {}
+        if ids:
+            held = {
+                a.id: a for a in session.scalars(select(Allocation).where(Allocation.id.in_(ids)))
+            }
+        granted = [row for row in rows if row.allocation_ids]
+        groups = [[held[i] for i in row.allocation_ids or [] if i in held] for row in granted]
+        lines = dict(
+            zip([row.id for row in granted], allocations.cuda_lines(session, groups), strict=True)
+        )
+    out = []
+    for row in rows:
+        record = row.to_dict(places.get(row.id))
+        if row.id in lines:
+            record["cuda_visible_devices"] = lines[row.id]
+        out.append(record)
     return out
 
 
@@ -102,13 +117,14 @@ def _places(ctx: Context) -> dict[int, int]:
 
 def request_get(ctx: Context, actor: str, id: int) -> dict[str, Any]:
     row = queue.get(ctx.db, ctx.settings, actor, id)
-    return {"request": _request_dict(ctx, row, _places(ctx) if row.state == WAITING else {})}
+    places = _places(ctx) if row.state == WAITING else {}
+    return {"request": _request_dicts(ctx, [row], places)[0]}
 
 
 def request_list(ctx: Context, actor: str, all: bool = False) -> dict[str, Any]:
     rows = queue.list_for(ctx.db, ctx.settings, actor, all_users=all)
     places = _places(ctx)
-    return {"requests": [_request_dict(ctx, r, places) for r in rows]}
+    return {"requests": _request_dicts(ctx, rows, places)}
 
 
 def request_cancel(ctx: Context, actor: str, id: int) -> dict[str, Any]:
