@@ -1,18 +1,21 @@
-"""Regenerate docs/screenshots/: the dashboard, schedule and admin pages at desktop and
-phone width (`make screenshots`). `--all DIR` also saves the other pages and dark mode
+"""Regenerate docs/screenshots/: the dashboard, schedule, calendar and admin pages at
+desktop and phone width (`make screenshots`). `--all DIR` also saves the other pages and dark mode
 to DIR, for checking the look of every page.
 
 It runs the real product (`python -m gpulocker serve --simulate`) on a free port with a
 fresh state directory seeded with demo data: a few allocations, a week of utilization
-history, a lockout, notifications and live load on the simulated GPUs. The demo users
+history, a lockout, notifications, live load on the simulated GPUs, two requests waiting in
+line and bookings in the coming days. The demo users
 need no Linux accounts: the script signs them in by creating their web session the way
 a PAM sign-in does (a server-side session token in the signed session cookie).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import pwd
 import random
 import secrets
 import shutil
@@ -22,12 +25,13 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 from playwright.sync_api import Browser, BrowserContext, sync_playwright
 
-from gpulocker import allocations, lockouts, tokens
+from gpulocker import allocations, lockouts, queue, reservations, tokens
 from gpulocker.config import Settings, load_settings, simulated_gpu_config
 from gpulocker.context import Context, open_context
 from gpulocker.gpus.simulated import SimulatedBackend, write_load
@@ -103,8 +107,10 @@ def seed(ctx: Context) -> None:
     with ctx.db.transaction() as session:  # the demo users have no accounts for real ACLs
         for row in held:
             allocations.mark_access_applied(session, row.id)
+    held += allocations.request(ctx.db, settings, "frank", "a100", gpu_ids=[5], hours=10)
     (done,) = allocations.request(ctx.db, settings, "dave", "4090", gpu_ids=[2], hours=1)
     allocations.release(ctx.db, settings, "dave", done.id)
+    seed_schedule(ctx)
     with ctx.db.transaction() as session:
         lockouts.lock_out(session, settings, "erin", "used GPU 5 without holding it", "agent")
     admin_message(
@@ -113,6 +119,17 @@ def seed(ctx: Context) -> None:
     seed_history(ctx)
     for gpu_id, (util, mem) in LIVE_LOAD.items():
         write_load(settings.device_path, gpu_id, util, mem)
+
+
+def seed_schedule(ctx: Context) -> None:
+    """Both a100 are taken: carol, then alice wait in line; bookings in the coming days."""
+    settings = ctx.settings
+    queue.submit(ctx.db, settings, "carol", "a100", 1, 12)
+    queue.submit(ctx.db, settings, USER, "a100", 1, 8)
+    day = (utcnow() + timedelta(days=1)).replace(hour=9, minute=0, second=0, microsecond=0)
+    reservations.book(ctx.db, settings, USER, "4090", 2, day, 8)
+    reservations.book(ctx.db, settings, "bob", "a100", 2, day + timedelta(days=2), 30)
+    reservations.book(ctx.db, settings, "dave", "4090", 1, day + timedelta(days=3, hours=4), 48)
 
 
 def seed_history(ctx: Context) -> None:
@@ -137,6 +154,31 @@ def seed_history(ctx: Context) -> None:
             )
     with ctx.db.transaction() as session:
         session.add_all(rows)
+
+
+@contextlib.contextmanager
+def demo_accounts(names: tuple[str, ...]) -> Iterator[None]:
+    """The signed-in demo users as real (password-less, no-login) accounts while it runs:
+    a session only counts while its Linux account stands (SPEC section 12). Accounts made
+    here are removed afterwards; existing ones are left alone."""
+    made = []
+    try:
+        for name in names:
+            try:
+                pwd.getpwnam(name)
+                continue
+            except KeyError:
+                pass
+            if os.geteuid() != 0:
+                raise SystemExit(f"the demo user {name!r} has no account: run as root")
+            shell = ["--shell", "/usr/sbin/nologin", "--no-create-home", "--system"]
+            subprocess.run(["useradd", *shell, name], check=True, capture_output=True)
+            made.append(name)
+            subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
+        yield
+    finally:
+        for name in made:
+            subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
 def session_cookie(ctx: Context, user: str) -> dict[str, str]:
@@ -210,6 +252,8 @@ def extra_pages(browser: Browser, url: str, ctx: Context, out: Path) -> None:
         shoot(browser, url, user, name, path, out)
     shoot(browser, url, user, "schedule", "/schedule", out, "dark")
     shoot(browser, url, user, "dashboard", "/", out, "dark")
+    shoot(browser, url, user, "calendar", "/calendar", out, "dark")
+    shoot(browser, url, admin, "calendar-admin", "/calendar?days=3", out)
     for name, path in (("events", "/admin/events"), ("reset", "/admin/reset")):
         shoot(browser, url, admin, name, path, out)
     shoot(browser, url, admin, "admin", "/admin/", out, "dark")
@@ -222,6 +266,16 @@ def main() -> None:
     base.chmod(0o755)
     env = environment(base)
     ctx = open_context(settings_for(env))
+    try:
+        with demo_accounts((USER, ADMIN)):
+            photograph(ctx, env, base, extra)
+    finally:
+        ctx.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def photograph(ctx: Context, env: dict[str, str], base: Path, extra: Path | None) -> None:
+    """Seed, serve, sign in and save the pictures."""
     proc = None
     try:
         seed(ctx)
@@ -237,6 +291,7 @@ def main() -> None:
             user_cookie = session_cookie(ctx, USER)
             shoot(browser, url, user_cookie, "dashboard", "/")
             shoot(browser, url, user_cookie, "schedule", "/schedule")
+            shoot(browser, url, user_cookie, "calendar", "/calendar")
             shoot(browser, url, session_cookie(ctx, ADMIN), "admin", "/admin/")
             if extra is not None:
                 extra_pages(browser, url, ctx, extra)
@@ -245,8 +300,6 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-        ctx.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ BAD: dict[str, list[tuple[str, Args, str]]] = {
         (ALICE, {"gpu_type": "4090", "count": 1, "hours": 1, "user": BOB}, "forbidden"),
         (ALICE, {"gpu_type": "4090", "count": 9, "hours": 1}, "not_enough_gpus"),
         (ALICE, {"gpu_type": LONG, "count": 1, "hours": 1}, "invalid"),
+        (ALICE, {"gpu_type": "4090", "gpu_ids": [0], "hours": 1, "wait": True}, "invalid"),
+        (ALICE, {"gpu_type": "4090", "hours": 1, "wait": True, "wait_hours": 1e9}, "invalid"),
+        (ALICE, {"gpu_type": "4090", "count": 1, "hours": 1, "wait": 1}, "invalid"),
     ],
     "allocations.list_for": [
         (ALICE, {"state": "bogus"}, "invalid"),

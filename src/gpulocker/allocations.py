@@ -194,6 +194,12 @@ def cuda_visible_devices(db: Database | Session, allocations: Sequence[Allocatio
     return cudaline.value((gpu_id, uuids.get((host, gpu_id))) for host, gpu_id in pairs)
 
 
+def cuda_lines(session: Session, groups: Sequence[Sequence[Allocation]]) -> list[str]:
+    """`cuda_visible_devices` of each group of allocations, with one query for them all."""
+    uuids = _uuids(session, [(a.host, a.gpu_id) for group in groups for a in group])
+    return [cudaline.value((a.gpu_id, uuids.get((a.host, a.gpu_id))) for a in g) for g in groups]
+
+
 def _uuids(session: Session, pairs: list[tuple[str, int]]) -> dict[tuple[str, int], str | None]:
     wanted = set(pairs)
     if not wanted:

@@ -38,14 +38,7 @@ def submit(
     """Put a request in the line; it waits at most `wait_hours` (<= QUEUE_MAX_WAIT_HOURS)."""
     user = user or actor
     count = check_request(settings, actor, user, count, hours, None)
-    limit = settings.queue_max_wait_hours
-    if wait_hours is None:
-        wait_hours = limit
-    bad = isinstance(wait_hours, bool) or not isinstance(wait_hours, int | float)
-    if bad or not math.isfinite(wait_hours) or not 0 < wait_hours <= limit:
-        raise Invalid(
-            f"wait_hours must be more than 0 and at most {limit:g} (QUEUE_MAX_WAIT_HOURS)"
-        )
+    wait_hours = check_wait(settings, wait_hours)
     now = utcnow()
     with db.transaction() as session:
         types = inventory.known_types(session)
@@ -70,6 +63,19 @@ def submit(
         events.record(session, "queued", actor, text, user=user, data={"request_id": row.id})
         notify(session, settings, "queued", f"Your {text}.", users=[user])
     return row
+
+
+def check_wait(settings: Settings, wait_hours: float | None) -> float:
+    """How long a request may wait: `wait_hours`, at most QUEUE_MAX_WAIT_HOURS (its default)."""
+    limit = settings.queue_max_wait_hours
+    if wait_hours is None:
+        return limit
+    bad = isinstance(wait_hours, bool) or not isinstance(wait_hours, int | float)
+    if bad or not math.isfinite(wait_hours) or not 0 < wait_hours <= limit:
+        raise Invalid(
+            f"wait_hours must be more than 0 and at most {limit:g} (QUEUE_MAX_WAIT_HOURS)"
+        )
+    return float(wait_hours)
 
 
 def order_key(

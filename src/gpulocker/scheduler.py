@@ -55,6 +55,7 @@ def request_or_wait(
     user: str | None = None,
 ) -> tuple[list[Allocation], QueuedRequest | None]:
     """A request with `wait`: granted now if it can be, else put in the line."""
+    queue.check_wait(settings, wait_hours)  # refused alike whether it would wait or not
     try:
         return allocations.request(db, settings, actor, gpu_type, count, hours, user=user), None
     except (NotEnoughGPUs, Forbidden) as exc:

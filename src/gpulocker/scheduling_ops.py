@@ -14,8 +14,36 @@ from gpulocker.context import Context
 from gpulocker.errors import Invalid
 from gpulocker.models import ACTIVE, BOOKED, WAITING, Allocation, utcnow
 from gpulocker.scheduling_models import QueuedRequest, Reservation
+from gpulocker.schemas_scheduling import MAX_CALENDAR_DAYS
 
-MAX_CALENDAR_DAYS = 31
+
+def take(
+    ctx: Context,
+    actor: str,
+    gpu_type: str,
+    count: int | None,
+    hours: float,
+    wait: bool = False,
+    wait_hours: float | None = None,
+    gpu_ids: list[int] | None = None,
+    user: str | None = None,
+) -> tuple[list[Allocation], dict[str, Any] | None]:
+    """An immediate request, or with `wait` one that may queue: (the allocations, None)
+    when granted now, ([], the waiting request's record) when it waits in line."""
+    if not wait:
+        rows = allocations.request(
+            ctx.db, ctx.settings, actor, gpu_type, count, hours, gpu_ids, user
+        )
+        return rows, None
+    if gpu_ids is not None:
+        raise Invalid("gpu_ids cannot wait: ask for a count")
+    rows, waiting = scheduler.request_or_wait(
+        ctx.db, ctx.settings, actor, gpu_type, count or 0, hours, wait_hours, user
+    )
+    if waiting is None:
+        return rows, None
+    scheduler.serve_queue(ctx.db, ctx.settings, utcnow())  # it may fit behind nobody
+    return [], request_get(ctx, actor, waiting.id)["request"]
 
 
 def request(
@@ -29,28 +57,15 @@ def request(
     gpu_ids: list[int] | None = None,
     user: str | None = None,
 ) -> dict[str, Any]:
-    """An immediate request, or with `wait` one that may queue: {"allocations": [...],
-    "cuda_visible_devices": "..."} when granted, {"request": {...}} (202) when it waits."""
-    if not wait:
-        rows = allocations.request(
-            ctx.db, ctx.settings, actor, gpu_type, count, hours, gpu_ids, user
-        )
-        return {
-            "allocations": [r.to_dict() for r in rows],
-            "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
-        }
-    if gpu_ids is not None:
-        raise Invalid("gpu_ids cannot wait: ask for a count")
-    rows, waiting = scheduler.request_or_wait(
-        ctx.db, ctx.settings, actor, gpu_type, count or 0, hours, wait_hours, user
-    )
-    if waiting is None:
-        return {
-            "allocations": [r.to_dict() for r in rows],
-            "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
-        }
-    scheduler.serve_queue(ctx.db, ctx.settings, utcnow())  # it may fit behind nobody
-    return {"request": request_get(ctx, actor, waiting.id)["request"]}
+    """`take` as JSON: {"allocations": [...], "cuda_visible_devices": "..."} when granted,
+    {"request": {...}} (202) when it waits."""
+    rows, waiting = take(ctx, actor, gpu_type, count, hours, wait, wait_hours, gpu_ids, user)
+    if waiting is not None:
+        return {"request": waiting}
+    return {
+        "allocations": [r.to_dict() for r in rows],
+        "cuda_visible_devices": allocations.cuda_visible_devices(ctx.db, rows),
+    }
 
 
 def submit(
@@ -69,14 +84,29 @@ def submit(
     return request_get(ctx, actor, row.id)
 
 
-def _request_dict(ctx: Context, row: QueuedRequest, places: dict[int, int]) -> dict[str, Any]:
-    out = row.to_dict(places.get(row.id))
-    if row.allocation_ids:
-        with ctx.db.session() as session:
-            rows = session.scalars(
-                select(Allocation).where(Allocation.id.in_(row.allocation_ids))
-            ).all()
-        out["cuda_visible_devices"] = allocations.cuda_visible_devices(ctx.db, rows)
+def _request_dicts(
+    ctx: Context, rows: list[QueuedRequest], places: dict[int, int]
+) -> list[dict[str, Any]]:
+    """The public records of `rows`, a granted one with its CUDA line: two queries however
+    many there are (the dashboard polls a user's whole list every second or two)."""
+    ids = [i for row in rows for i in row.allocation_ids or []]
+    with ctx.db.session() as session:
+        held = {}
+        if ids:
+            held = {
+                a.id: a for a in session.scalars(select(Allocation).where(Allocation.id.in_(ids)))
+            }
+        granted = [row for row in rows if row.allocation_ids]
+        groups = [[held[i] for i in row.allocation_ids or [] if i in held] for row in granted]
+        lines = dict(
+            zip([row.id for row in granted], allocations.cuda_lines(session, groups), strict=True)
+        )
+    out = []
+    for row in rows:
+        record = row.to_dict(places.get(row.id))
+        if row.id in lines:
+            record["cuda_visible_devices"] = lines[row.id]
+        out.append(record)
     return out
 
 
@@ -87,13 +117,14 @@ def _places(ctx: Context) -> dict[int, int]:
 
 def request_get(ctx: Context, actor: str, id: int) -> dict[str, Any]:
     row = queue.get(ctx.db, ctx.settings, actor, id)
-    return {"request": _request_dict(ctx, row, _places(ctx) if row.state == WAITING else {})}
+    places = _places(ctx) if row.state == WAITING else {}
+    return {"request": _request_dicts(ctx, [row], places)[0]}
 
 
 def request_list(ctx: Context, actor: str, all: bool = False) -> dict[str, Any]:
     rows = queue.list_for(ctx.db, ctx.settings, actor, all_users=all)
     places = _places(ctx)
-    return {"requests": [_request_dict(ctx, r, places) for r in rows]}
+    return {"requests": _request_dicts(ctx, rows, places)}
 
 
 def request_cancel(ctx: Context, actor: str, id: int) -> dict[str, Any]:

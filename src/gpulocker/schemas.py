@@ -168,6 +168,8 @@ class AllocationRequest(Body):
         default=None, max_length=1024
     )
     user: UserName | None = Field(default=None, description="admins: allocate for this user")
+    wait: bool = Field(default=False, description="wait in line (202) when too few are free")
+    wait_hours: Hours | None = Field(default=None, description="with wait: give up after this")
 
 
 class ExtendRequest(Body):

@@ -98,7 +98,12 @@ def test_it_knows_the_caller_from_peer_credentials(
 ) -> None:
     assert call_as(users[ALICE], socket_path, "me")["result"]["username"] == ALICE
     bob = call_as(users[BOB], socket_path, "me")["result"]
-    assert bob == {"username": BOB, "is_admin": False, "locked_until": None}
+    assert {k: bob[k] for k in ("username", "is_admin", "locked_until")} == {
+        "username": BOB,
+        "is_admin": False,
+        "locked_until": None,
+    }
+    assert bob["usage"] == {"gpus": 0, "gpu_hours_week": 0} and bob["fairshare_usage"] == 0
     assert call_as(users[ADMIN], socket_path, "me")["result"]["is_admin"] is True
 
 

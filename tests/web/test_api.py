@@ -47,7 +47,14 @@ def test_it_gives_a_token_for_a_linux_password(
     assert answer.status_code == 201
     token = answer.get_json()["token"]
     me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
-    assert me.get_json() == {"username": ALICE, "is_admin": False, "locked_until": None}
+    assert me.get_json() == {
+        "username": ALICE,
+        "is_admin": False,
+        "locked_until": None,
+        "usage": {"gpus": 0, "gpu_hours_week": 0},
+        "limits": {"gpu_hours_per_week": None, "max_gpus": None},
+        "fairshare_usage": 0,
+    }
 
 
 def test_it_does_not_say_whether_the_user_exists(

@@ -40,6 +40,7 @@ from gpulocker.cli.render import (
     status_rows,
     time_left,
 )
+from gpulocker.cli.waiting import grant_of, wait_in_line
 from gpulocker.config import ConfigError
 
 STATES = ("active", "released", "expired", "revoked", "any")
@@ -165,6 +166,8 @@ def request_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.command("request")
 @request_options
+@click.option("--wait", is_flag=True, help="Wait in line when too few GPUs are free.")
+@click.option("--wait-hours", type=float, default=None, help="With --wait: give up after this.")
 @json_option
 @client_command
 def request(
@@ -173,13 +176,18 @@ def request(
     count: int | None,
     hours: float,
     gpu_ids: str | None,
+    wait: bool,
+    wait_hours: float | None,
     as_json: bool,
 ) -> None:
     """Take N GPUs of a type for a time; prints `export ... CUDA_VISIBLE_DEVICES=<UUIDs>`.
 
     Use `eval "$(gpulocker request -t 4090 -n 1 --hours 4)"` to set it in your shell.
+    With --wait it waits in line, showing its position on stderr; Ctrl-C cancels.
     """
-    _request(client, gpu_type, count, hours, gpu_ids, None, as_json)
+    if wait_hours is not None and not wait:
+        raise click.UsageError("--wait-hours goes with --wait")
+    _request(client, gpu_type, count, hours, gpu_ids, None, as_json, wait, wait_hours)
 
 
 def _request(
@@ -190,13 +198,19 @@ def _request(
     gpu_ids: str | None,
     user: str | None,
     as_json: bool,
+    wait: bool = False,
+    wait_hours: float | None = None,
 ) -> None:
     ids = parse_ids(gpu_ids)
     if count is None and ids is None:
         count = 1
-    answer = client.call(
-        "allocations.request", gpu_type=gpu_type, count=count, hours=hours, gpu_ids=ids, user=user
-    )
+    args: dict[str, Any] = {"gpu_type": gpu_type, "count": count, "hours": hours}
+    args.update(gpu_ids=ids, user=user)
+    if wait:
+        args.update(wait=True, wait_hours=wait_hours)
+    answer = client.call("allocations.request", **args)
+    if "request" in answer:  # waiting in line (HTTP 202)
+        answer = grant_of(client, wait_in_line(client, answer["request"]))
     if as_json:
         print_json(answer)
     else:

@@ -16,18 +16,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from typing import Any
 
 import click
 
 from gpulocker.cli.client import Client, ClientError
 from gpulocker.cli.commands import client_command, json_option
-from gpulocker.cli.render import echo, print_json, render_table
+from gpulocker.cli.render import Cell, echo, local_time, print_json, render_table
+from gpulocker.cli.waiting import wait_in_line
 
 # NVML indices, GPU-/MIG- UUIDs, separated by commas: nothing a shell would read as code.
 CUDA_LINE = re.compile(r"^[A-Za-z0-9:/_-]+(,[A-Za-z0-9:/_-]+)*$")
-POLL_SECONDS = 1.0
 WATCH_SECONDS = 5.0
 
 
@@ -42,25 +40,6 @@ def _only_type(client: Client) -> str:
     if len(types) != 1:
         _fail(f"say which GPU type with -t (this host has: {', '.join(types) or 'none'})", 2)
     return types[0]
-
-
-def _wait_in_line(client: Client, request: dict[str, Any]) -> dict[str, Any]:
-    """Poll the request until it is granted; print each new position. Ctrl-C cancels it."""
-    shown = None
-    try:
-        while request["state"] == "waiting":
-            if request.get("position") != shown:
-                shown = request.get("position")
-                echo(f"waiting: request {request['id']}, position {shown} in the line", err=True)
-            time.sleep(POLL_SECONDS)
-            request = client.call("requests.get", id=request["id"])["request"]
-    except KeyboardInterrupt:
-        with contextlib.suppress(ClientError):
-            client.call("requests.cancel", id=request["id"])
-        _fail(f"request {request['id']} cancelled", 130)
-    if request["state"] != "granted":
-        _fail(f"request {request['id']} {request['state']}: {request.get('reason') or ''}")
-    return request
 
 
 def _watch(client: Client, ids: list[int], done: threading.Event, ended: list[str]) -> None:
@@ -99,7 +78,7 @@ def run(
             "requests.submit", gpu_type=gpu_type, count=count, hours=hours, wait_hours=wait_hours
         )
         if "request" in answer:
-            request = _wait_in_line(client, answer["request"])
+            request = wait_in_line(client, answer["request"])
             ids = list(request["allocation_ids"])
             cuda = str(request.get("cuda_visible_devices", ""))
         else:
@@ -156,18 +135,19 @@ def queue_command(client: Client, as_json: bool) -> None:
     if not line:
         echo("nobody is waiting")
         return
-    rows = [
+    rows: list[list[Cell]] = [
         [
-            str(r["position"]),
-            r["gpu_type"],
-            str(r["count"]),
-            f"{r['hours']:g}",
-            r["user"] or "(someone)",
-            str(r["id"]) if r["user"] else "",
+            (str(r["position"]), {"bold": True}),
+            (r["gpu_type"], {"fg": "blue"}),
+            (str(r["count"]), {}),
+            (f"{r['hours']:g}", {}),
+            (r["user"] or "(someone)", {"fg": "cyan", "bold": True} if r.get("mine") else {}),
+            (str(r["id"]) if r["user"] else "", {}),
         ]
         for r in line
     ]
-    for text in render_table(["#", "TYPE", "GPUS", "HOURS", "USER", "REQUEST"], rows):
+    headers = ["#", "TYPE", "GPUS", "HOURS", "USER", "REQUEST"]
+    for text in render_table(headers, rows, right=[0, 2, 3]):
         echo(text)
 
 
@@ -196,7 +176,8 @@ def book(
         print_json(row)
     else:
         echo(
-            f"booked {row['count']} {row['gpu_type']} GPU(s) on {row['host']} from {row['start']} to {row['end']} (booking {row['id']})"
+            f"booked {row['count']} {row['gpu_type']} GPU(s) on {row['host']} from "
+            f"{local_time(row['start'])} to {local_time(row['end'])} (booking {row['id']})"
         )
 
 
@@ -210,19 +191,23 @@ def bookings(client: Client, all_users: bool, as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
-    table = [
+    if not rows:
+        echo("no bookings")
+        return
+    table: list[list[Cell]] = [
         [
-            str(r["id"]),
-            r["user"],
-            r["gpu_type"],
-            str(r["count"]),
-            r["start"],
-            f"{r['hours']:g}",
-            r["state"],
+            (str(r["id"]), {"bold": True}),
+            (r["user"], {"fg": "cyan"}),
+            (r["gpu_type"], {"fg": "blue"}),
+            (str(r["count"]), {}),
+            (local_time(r["start"]), {}),
+            (f"{r['hours']:g}", {}),
+            (r["state"], {"fg": "green"} if r["state"] == "booked" else {"dim": True}),
         ]
         for r in rows
     ]
-    for text in render_table(["ID", "USER", "TYPE", "GPUS", "START", "HOURS", "STATE"], table):
+    headers = ["ID", "USER", "TYPE", "GPUS", "START", "HOURS", "STATE"]
+    for text in render_table(headers, table, right=[0, 3, 5]):
         echo(text)
 
 

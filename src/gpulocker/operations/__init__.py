@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from gpulocker import schemas as s
+from gpulocker import schemas_scheduling as ss
 from gpulocker.context import Context
 from gpulocker.errors import Invalid
 from gpulocker.operations import admin, allocating
@@ -34,9 +35,9 @@ class Operation:
 
 
 OPERATIONS: dict[str, Operation] = {
-    "me": Operation(allocating.me, s.NoArgs, s.Me),
+    "me": Operation(allocating.me, s.NoArgs, ss.Me),
     "status": Operation(allocating.status, s.NoArgs, s.GpuStatus),
-    "allocations.request": Operation(allocating.request, s.AllocationRequest, s.AllocationGranted),
+    "allocations.request": Operation(allocating.request, s.AllocationRequest, ss.AllocationAnswer),
     "allocations.list_for": Operation(
         allocating.list_for, s.AllocationListRequest, s.AllocationList
     ),
@@ -52,17 +53,17 @@ OPERATIONS: dict[str, Operation] = {
     ),
     "notify.admin_message": Operation(admin.notify_user, s.NotifyRequest, s.Ok),
     # SPEC section 11 (operations/scheduling.py)
-    "requests.submit": Operation(q.submit, q.SubmitArgs, q.Loose),
-    "requests.list_for": Operation(q.requests, q.AllArgs, q.Loose),
-    "requests.get": Operation(q.request_get, q.IdArgs, q.Loose),
-    "requests.cancel": Operation(q.request_cancel, q.IdArgs, q.Loose),
-    "queue.view": Operation(q.queue, s.NoArgs, q.Loose),
-    "reservations.book": Operation(q.book, q.BookArgs, q.Loose),
-    "reservations.list_for": Operation(q.bookings, q.AllArgs, q.Loose),
-    "reservations.get": Operation(q.booking_get, q.IdArgs, q.Loose),
-    "reservations.cancel": Operation(q.booking_cancel, q.IdArgs, q.Loose),
-    "calendar": Operation(q.calendar, q.CalendarArgs, q.Loose),
-    "me.usage": Operation(q.usage, s.NoArgs, q.Loose),
+    "requests.submit": Operation(q.submit, ss.SubmitArgs, ss.RequestOne),
+    "requests.list_for": Operation(q.requests, ss.AllArgs, ss.RequestList),
+    "requests.get": Operation(q.request_get, ss.IdArgs, ss.RequestOne),
+    "requests.cancel": Operation(q.request_cancel, ss.IdArgs, ss.RequestOne),
+    "queue.view": Operation(q.queue, s.NoArgs, ss.QueueOut),
+    "reservations.book": Operation(q.book, ss.BookArgs, ss.ReservationOne),
+    "reservations.list_for": Operation(q.bookings, ss.AllArgs, ss.ReservationList),
+    "reservations.get": Operation(q.booking_get, ss.IdArgs, ss.ReservationOne),
+    "reservations.cancel": Operation(q.booking_cancel, ss.IdArgs, ss.ReservationOne),
+    "calendar": Operation(q.calendar, ss.CalendarArgs, ss.Calendar),
+    "me.usage": Operation(q.usage, s.NoArgs, ss.Usage),
 }
 
 

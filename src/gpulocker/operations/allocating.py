@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from gpulocker import allocations, gpustatus, heartbeat, lockouts
+from gpulocker import allocations, gpustatus, heartbeat, lockouts, scheduling_ops
 from gpulocker import schemas as s
 from gpulocker.context import Context
 from gpulocker.errors import NotFound
@@ -18,12 +18,15 @@ ACCESS_WAIT_SECONDS = 2.0  # how long a request waits for the agent to grant acc
 
 
 def me(ctx: Context, actor: str, _args: s.NoArgs) -> dict[str, Any]:
+    """Who the caller is, and (SPEC section 11) their usage, quota limits and fair share:
+    the same numbers as `me.usage`, from the same function."""
     with ctx.db.session() as session:
         lockout = lockouts.active(session, actor)
     return {
         "username": actor,
         "is_admin": ctx.settings.is_admin(actor),
         "locked_until": lockout.until.isoformat() if lockout else None,
+        **scheduling_ops.me(ctx, actor),
     }
 
 
@@ -32,9 +35,21 @@ def status(ctx: Context, actor: str, _args: s.NoArgs) -> dict[str, Any]:
 
 
 def request(ctx: Context, actor: str, args: s.AllocationRequest) -> dict[str, Any]:
-    rows = allocations.request(
-        ctx.db, ctx.settings, actor, args.gpu_type, args.count, args.hours, args.gpu_ids, args.user
+    """Take GPUs now; with `wait`, wait in line when too few are free: the answer is then
+    `{"request": ...}` (HTTP 202), granted later by the scheduler."""
+    rows, waiting = scheduling_ops.take(
+        ctx,
+        actor,
+        args.gpu_type,
+        args.count,
+        args.hours,
+        args.wait,
+        args.wait_hours,
+        args.gpu_ids,
+        args.user,
     )
+    if waiting is not None:
+        return {"request": waiting}
     with ctx.db.session() as session:
         alive = heartbeat.agents_alive(session, ctx.settings, [r.host for r in rows])
     if alive:

@@ -1,52 +1,14 @@
 """The scheduling operations of SPEC section 11 (queue, requests, bookings, calendar,
-usage): argument models and thin calls into gpulocker.scheduling_ops."""
+usage): thin calls into gpulocker.scheduling_ops. Their argument and answer models are
+in gpulocker.schemas_scheduling."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-from pydantic import ConfigDict, Field
+from typing import Any
 
 from gpulocker import scheduling_ops as ops
 from gpulocker.context import Context
-from gpulocker.schemas import Body, GpuType, Hours, Out, UserName
-
-Count = Annotated[int, Field(ge=1, le=1024)]
-
-
-class SubmitArgs(Body):
-    gpu_type: GpuType
-    count: Count = 1
-    hours: Hours
-    wait_hours: Hours | None = Field(default=None, description="at most QUEUE_MAX_WAIT_HOURS")
-    user: UserName | None = Field(default=None, description="admins: for this user")
-
-
-class AllArgs(Body):
-    all: bool = False
-
-
-class IdArgs(Body):
-    id: Annotated[int, Field(ge=1, le=2**31 - 1)]
-
-
-class BookArgs(Body):
-    gpu_type: GpuType
-    count: Count = 1
-    start: str = Field(min_length=1, max_length=64, description="ISO 8601 with a zone")
-    hours: Hours
-    user: UserName | None = None
-
-
-class CalendarArgs(Body):
-    gpu_type: GpuType | None = None
-    days: Annotated[float, Field(gt=0, le=ops.MAX_CALENDAR_DAYS)] = 7
-
-
-class Loose(Out):
-    """Answers documented in docs/scheduling.md; their keys are checked by the tests."""
-
-    model_config = ConfigDict(extra="allow")
+from gpulocker.schemas_scheduling import AllArgs, BookArgs, CalendarArgs, IdArgs, SubmitArgs
 
 
 def submit(ctx: Context, actor: str, a: SubmitArgs) -> dict[str, Any]:

@@ -39,6 +39,11 @@ def create_app(settings: Settings | None = None, ctx: Context | None = None) -> 
         SESSION_COOKIE_SECURE=secure,
         SESSION_COOKIE_PATH="/",
         PERMANENT_SESSION_LIFETIME=timedelta(hours=tokens.WEB_SESSION_HOURS),
+        # The cookie is sent back only when the session changes. Re-sent with every answer,
+        # a page's poll (queue.js, schedule.js) answered after a form's redirect put back
+        # the session as it was before, and the form's flash message was lost. The session
+        # ends with its server-side token anyway (WEB_SESSION_HOURS from sign-in).
+        SESSION_REFRESH_EACH_REQUEST=False,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
         LOGIN_VIEW="pages.login",
     )

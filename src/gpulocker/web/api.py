@@ -22,6 +22,7 @@ from gpulocker import (
     tokens,
 )
 from gpulocker import schemas as s
+from gpulocker import schemas_scheduling as ss
 from gpulocker.errors import NotFound
 from gpulocker.models import Gpu
 from gpulocker.web.errors import Unauthorized
@@ -148,7 +149,13 @@ def revoke_token(token_id: int) -> dict[str, Any]:
     return {"ok": True}
 
 
-@endpoint(bp, "GET", "/v1/me", response=s.Me, summary="Who you are")
+@endpoint(
+    bp,
+    "GET",
+    "/v1/me",
+    response=ss.Me,
+    summary="Who you are, your usage, quota limits and fair-share usage",
+)
 def who_am_i() -> dict[str, Any]:
     return _run("me")
 
@@ -175,12 +182,15 @@ def list_allocations(query: s.AllocationQuery) -> dict[str, Any]:
     status=201,
     body=s.AllocationRequest,
     response=s.AllocationGranted,
+    also={202: ss.RequestOne},
     errors=(409,),
     summary="Take GPUs of a type for a time, all or nothing. Answers once the device "
-    "files let you in (at most ~2 s) when the agent runs.",
+    "files let you in (at most ~2 s) when the agent runs. With `wait`, too few free GPUs "
+    "make a waiting request (202) instead of a refusal (409).",
 )
-def request_allocation(body: s.AllocationRequest) -> dict[str, Any]:
-    return _run("allocations.request", body.model_dump())
+def request_allocation(body: s.AllocationRequest) -> dict[str, Any] | tuple[dict[str, Any], int]:
+    answer = _run("allocations.request", body.model_dump())
+    return (answer, 202) if "request" in answer else answer
 
 
 @endpoint(

@@ -54,6 +54,16 @@ def utc(value: datetime | str | None) -> str:
     return "—" if when is None else f"{when:%Y-%m-%d %H:%M} UTC"
 
 
+def window(start: datetime | str | None, end: datetime | str | None) -> str:
+    """A booking's window, short: "Thu 03 Dec 09:00 → 17:00" (UTC), the end's day only if
+    it differs."""
+    a, b = as_datetime(start), as_datetime(end)
+    if a is None or b is None:
+        return "—"
+    until = f"{b:%H:%M}" if a.date() == b.date() else f"{b:%a %d %b %H:%M}"
+    return f"{a:%a %d %b %H:%M} → {until}"
+
+
 def ago(value: datetime | str | None) -> str:
     """How long ago `value` was: "5 min ago"."""
     when = as_datetime(value)
@@ -116,9 +126,11 @@ def hours(value: float) -> str:
 
 
 FILTERS: dict[str, Callable[..., Any]] = {
+    "as_datetime": as_datetime,
     "time_left": time_left,
     "ago": ago,
     "utc": utc,
+    "window": window,
     "filesize": filesize,
     "mib": mib,
     "pct": pct,

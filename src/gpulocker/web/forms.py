@@ -95,6 +95,7 @@ class RequestForm:
     duration: str = "4"
     unit: str = "hours"
     user: str = ""
+    wait: bool = False  # wait in line when too few are free (SPEC section 11)
     errors: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -108,6 +109,7 @@ class RequestForm:
             duration=f.get("duration", "").strip(),
             unit=unit if unit in ("hours", "days") else "hours",
             user=f.get("user", "").strip(),
+            wait=f.get("wait") == "1",
         )
 
     def parsed(self) -> tuple[int, float] | None:

@@ -30,6 +30,7 @@ AUTH_KINDS = ("public", "optional", "user", "admin")
 DESCRIPTIONS = {
     200: "OK",
     201: "created",
+    202: "accepted: waiting in line (`wait: true`); the scheduler grants it later",
     401: "not signed in",
     403: "not allowed (not an admin, locked out, maintenance mode, CSRF)",
     404: "no such thing, or not yours",
@@ -56,6 +57,7 @@ class Operation:
     errors: tuple[int, ...] = ()
     tags: tuple[str, ...] = ()
     media_type: str = "application/json"
+    also: tuple[tuple[int, type[BaseModel]], ...] = ()  # other successes: (status, model)
 
     @property
     def path(self) -> str:
@@ -99,8 +101,13 @@ def endpoint(
     query: type[BaseModel] | None = None,
     errors: tuple[int, ...] = (),
     media_type: str = "application/json",
+    also: dict[int, type[BaseModel]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Declare, document and register one endpoint on `bp`."""
+    """Declare, document and register one endpoint on `bp`.
+
+    A view answering one of the other successes in `also` ({202: Model}) returns
+    `(dict, status)`; any other view returns a dict (sent with `status`) or a Response.
+    """
     assert auth in AUTH_KINDS
     full_rule = (bp.url_prefix or "") + rule
 
@@ -118,6 +125,7 @@ def endpoint(
             errors,
             (bp.name,),
             media_type,
+            tuple((also or {}).items()),
         )
         OPERATIONS.append(op)
 
@@ -132,8 +140,12 @@ def endpoint(
             result = view(**kwargs)
             if isinstance(result, Response):
                 return result
+            code = status
+            if isinstance(result, tuple):
+                result, code = result
+                assert code in dict(op.also), f"{view.__name__} did not declare {code}"
             reply = jsonify(result)
-            reply.status_code = status
+            reply.status_code = code
             return reply
 
         bp.add_url_rule(rule, endpoint=view.__name__, view_func=handler, methods=[method])
@@ -214,6 +226,8 @@ def _models() -> list[tuple[type[BaseModel], Any]]:
             seen[(op.body, "validation")] = None
         if op.response is not None:
             seen[(op.response, "serialization")] = None
+        for _status, model in op.also:
+            seen[(model, "serialization")] = None
     return list(seen)
 
 
@@ -297,6 +311,11 @@ def _responses(op: Operation) -> dict[str, Any]:
     elif op.media_type != "application/json":
         ok["content"] = {op.media_type: {"schema": {"type": "string"}}}
     responses[str(op.status)] = ok
+    for status, model in op.also:
+        responses[str(status)] = {
+            "description": DESCRIPTIONS.get(status, "OK"),
+            "content": {"application/json": {"schema": _ref(model)}},
+        }
     for status in op.error_statuses:
         # A 503 (health) answers the same document as the 200, saying what failed.
         model = op.response if status == 503 and op.response else schemas.ErrorResponse

@@ -1,4 +1,5 @@
 """The HTML pages a user sees: sign-in, dashboard, schedule, disk, inbox and settings.
+The calendar and the cancel buttons of SPEC section 11 are in `scheduling_pages`.
 
 Thin views: parse the form, call the core, and show the core's own refusal next to the
 field it is about. Every POST is checked for the session's CSRF token before the view
@@ -8,6 +9,7 @@ runs. The admin pages live in `admin_pages` (a blueprint nested in this one).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from flask import (
     Blueprint,
@@ -27,12 +29,14 @@ from gpulocker import (
     inbox,
     inventory,
     lockouts,
+    operations,
+    scheduling_ops,
     tokens,
 )
 from gpulocker.errors import GPULockerError
-from gpulocker.models import utcnow
+from gpulocker.models import BOOKED, WAITING, utcnow
 from gpulocker.notify import linking
-from gpulocker.web import admin_pages, formatting, page_hooks
+from gpulocker.web import admin_pages, formatting, page_hooks, scheduling_pages
 from gpulocker.web.errors import status_for
 from gpulocker.web.forms import Page, RequestForm, int_arg, me, safe_next
 from gpulocker.web.session import (
@@ -46,6 +50,7 @@ from gpulocker.web.session import (
 
 bp = Blueprint("pages", __name__)
 bp.register_blueprint(admin_pages.bp)
+bp.register_blueprint(scheduling_pages.bp)
 formatting.register(bp)
 page_hooks.install(bp)
 
@@ -119,8 +124,13 @@ def _dashboard(form: RequestForm, status: int = 200, errors: dict[str, str] | No
         recent = inbox.list_for(session, user, limit=RECENT)
     if not form.gpu_type and types:
         form.gpu_type = max(types, key=lambda t: (types[t]["free"], t))
+    requests = operations.run(ctx, user, "requests.list_for", {})["requests"]
+    bookings = operations.run(ctx, user, "reservations.list_for", {})["reservations"]
     html = render_template(
         "dashboard.html",
+        waiting=[r for r in requests if r["state"] == WAITING],
+        bookings=[b for b in bookings if b["state"] == BOOKED],
+        max_wait_hours=ctx.settings.queue_max_wait_hours,
         mine=mine,
         cuda=cudaline.export_line(allocations.cuda_visible_devices(ctx.db, mine)) if mine else "",
         multi_host=len({a.host for a in mine}) > 1,
@@ -145,16 +155,32 @@ def request_gpus() -> Page:
         return _dashboard(form, 422)
     count, hours = parsed
     try:
-        rows = allocations.request(ctx.db, ctx.settings, me(), form.gpu_type, count, hours)
+        rows, waiting = scheduling_ops.take(ctx, me(), form.gpu_type, count, hours, wait=form.wait)
     except GPULockerError as exc:
         form.refused(exc)
         return _dashboard(form, status_for(exc))
+    if waiting is not None:
+        _flash_waiting(waiting)
+        return redirect(url_for("pages.dashboard"))
     ids = ", ".join(str(r.gpu_id) for r in rows)
     flash(
         f"You have GPU {ids} ({rows[0].gpu_type}) until {rows[0].expires_at:%Y-%m-%d %H:%M} UTC.",
         "success",
     )
     return redirect(url_for("pages.dashboard"))
+
+
+def _flash_waiting(waiting: dict[str, Any]) -> None:
+    """Say where a request that could not be granted at once now stands."""
+    if waiting["state"] != WAITING:  # GPUs freed up in the meantime: granted from the line
+        flash(f"Request {waiting['id']} was granted from the line: see your GPUs.", "success")
+        return
+    flash(
+        f"Too few {waiting['gpu_type']} GPUs are free: request {waiting['id']} waits in line "
+        f"(place {waiting['position']}). You get them, and a notification, as soon as they "
+        "free up.",
+        "info",
+    )
 
 
 @bp.post("/allocations/<int:allocation_id>/release")
