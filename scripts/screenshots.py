@@ -98,7 +98,7 @@ def settings_for(env: dict[str, str]) -> Settings:
 def seed(ctx: Context) -> None:
     """Demo data: allocations, a week of history, a lockout, messages, live load."""
     settings = ctx.settings
-    backend = SimulatedBackend(settings.gpu_config, settings.device_path)
+    backend = SimulatedBackend(settings.gpu_config, settings.device_path, HOST)
     with ctx.db.transaction() as session:
         register(session, HOST, types_from_config(settings.gpu_config, backend.inventory()))
     held = allocations.request(ctx.db, settings, USER, "4090", 2, 6)
