@@ -155,7 +155,7 @@ def _check_rules(
     hours: float,
     gpu_ids: Sequence[int] | None,
     take_turns: bool = True,
-) -> list[Gpu]:
+) -> list[capacity.Slot]:
     """The rules that read the database; the GPUs to take, or the refusal. `take_turns`
     serialises one user's requests (only inside the write transaction)."""
     types = inventory.known_types(session)

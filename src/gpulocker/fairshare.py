@@ -31,6 +31,8 @@ def weighted_hours(start: datetime, end: datetime, now: datetime, half_life_hour
     return half_life_hours / math.log(2) * (weight(end) - weight(start))
 
 
+Held = tuple[str, datetime, datetime]  # (user, start, end) of one GPU held
+
 # Per database: (when, sums of allocations that had ended by then). Ended allocations
 # only decay, by 0.5 ** (elapsed / H) all alike, so a pass reads only what changed since.
 _CLOSED: dict[str, tuple[datetime, float, dict[str, float]]] = {}
@@ -38,25 +40,37 @@ REFRESH = timedelta(minutes=10)
 
 
 def _sums(
-    session: Session, settings: Settings, now: datetime, since: datetime | None
+    session: Session,
+    settings: Settings,
+    now: datetime,
+    since: datetime | None,
+    running: Iterable[Held] | None = None,
 ) -> dict[str, float]:
     half_life = settings.fairshare_half_life_hours
     end = func.coalesce(Allocation.released_at, Allocation.expires_at)
     stmt = select(Allocation.user, Allocation.created_at, end)
     if since is None:
         stmt = stmt.where(end > now - timedelta(hours=20 * half_life))
-    else:  # still running, or ended after `since`
+    elif running is None:  # still running, or ended after `since`
         stmt = stmt.where(or_(Allocation.released_at.is_(None), Allocation.released_at > since))
+    else:  # the running ones were read already: only those ended after `since`
+        stmt = stmt.where(Allocation.released_at > since)
     totals: dict[str, float] = {}
-    for user, start, stop in session.execute(stmt):
+    for user, start, stop in [*session.execute(stmt), *(running or ())]:
         totals[user] = totals.get(user, 0.0) + weighted_hours(start, stop, now, half_life)
     return totals
 
 
 def usage(
-    session: Session, settings: Settings, now: datetime, users: Iterable[str] | None = None
+    session: Session,
+    settings: Settings,
+    now: datetime,
+    users: Iterable[str] | None = None,
+    running: Iterable[Held] | None = None,
 ) -> dict[str, float]:
-    """Each user's fair-share usage now (decayed GPU-hours); users with none are absent."""
+    """Each user's fair-share usage now (decayed GPU-hours); users with none are absent.
+    `running`: every active allocation as (user, created_at, expires_at), when the caller
+    has read them already (the scheduling pass)."""
     half_life = settings.fairshare_half_life_hours
     key = f"{session.get_bind().engine.url}:{half_life}"
     cached = _CLOSED.get(key)
@@ -70,7 +84,7 @@ def usage(
     at, _h, closed = cached
     factor = 0.5 ** ((now - at).total_seconds() / 3600 / half_life)
     totals = {user: value * factor for user, value in closed.items()}
-    for user, value in _sums(session, settings, now, at).items():
+    for user, value in _sums(session, settings, now, at, running).items():
         totals[user] = totals.get(user, 0.0) + value
     if users is not None:
         wanted = set(users)

@@ -9,8 +9,9 @@ UPDATE from `waiting`, so a request ends once whoever tries.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import NamedTuple
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -72,22 +73,42 @@ def submit(
     return row
 
 
-def order_key(
-    row: Any, usage: dict[str, float], now: datetime, aging_hours: float
-) -> tuple[int, float, datetime, int]:
-    """Aged requests first (oldest first), then by fair-share usage, then the older."""
-    aged = now - row.created_at > timedelta(hours=aging_hours)
-    return (0 if aged else 1, 0.0 if aged else usage.get(row.user, 0.0), row.created_at, row.id)
+class Waiting(NamedTuple):
+    """A waiting request as the scheduler reads it: `aged` (it waited longer than
+    QUEUE_AGING_HOURS) and `due` (its wait ended) come from the database, so a pass
+    converts no dates."""
+
+    id: int
+    user: str
+    requested_by: str
+    gpu_type: str
+    count: int  # type: ignore[assignment]  # a field, where tuples have a method
+    hours: float
+    aged: bool
+    due: bool
 
 
-def ordered(session: Session, settings: Settings, now: datetime) -> list[Any]:
-    """Every waiting request (id, user, gpu_type, count, hours, created_at), in the order
-    the scheduler serves them. Plain rows, not ORM objects: a pass reads a thousand."""
+def read_line(session: Session, settings: Settings, now: datetime) -> list[Waiting]:
+    """Every waiting request, oldest first."""
     q = QueuedRequest
-    stmt = select(q.id, q.user, q.gpu_type, q.count, q.hours, q.created_at)
-    rows = list(session.execute(stmt.where(q.state == WAITING)))
-    usage = fairshare.usage(session, settings, now, {r.user for r in rows})
-    return sorted(rows, key=lambda r: order_key(r, usage, now, settings.queue_aging_hours))
+    cutoff = now - timedelta(hours=settings.queue_aging_hours)
+    aged, due = (q.created_at < cutoff).label("aged"), (q.wait_until <= now).label("due")
+    stmt = select(q.id, q.user, q.requested_by, q.gpu_type, q.count, q.hours, aged, due)
+    stmt = stmt.where(q.state == WAITING).order_by(q.created_at, q.id)
+    return list(map(Waiting._make, session.connection().execute(stmt).all()))
+
+
+def in_order(rows: Iterable[Waiting], usage: dict[str, float]) -> list[Waiting]:
+    """The serving order of rows as read_line gives them (oldest first): aged requests
+    first (oldest first), then by their user's fair-share usage, smallest first; ties
+    keep the older first (the sort is stable)."""
+    return sorted(rows, key=lambda r: (0, 0.0) if r.aged else (1, usage.get(r.user, 0.0)))
+
+
+def ordered(session: Session, settings: Settings, now: datetime) -> list[Waiting]:
+    """Every waiting request (read_line's rows), in the order the scheduler serves them."""
+    rows = read_line(session, settings, now)
+    return in_order(rows, fairshare.usage(session, settings, now, {r.user for r in rows}))
 
 
 def positions(session: Session, settings: Settings, now: datetime) -> dict[int, int]:
