@@ -1,7 +1,10 @@
 """Waiting requests (SPEC section 11): the line, its order, cancelling and timing out.
 
-Order: a request that has waited longer than QUEUE_AGING_HOURS goes first (oldest first);
-the others by their user's fair-share usage (smallest first), ties to the older request.
+Order: a request that has waited longer than QUEUE_AGING_HOURS (aged) goes before every
+request that has not; within each of the two, by the user's fair-share usage (smallest
+first), ties to the older request. Aged requests among themselves are not oldest first:
+in a line that stays long every request ages, and oldest first made the line first come
+first served, heavy users' long jobs ahead of light users' (bench/simulate_week.py).
 Granting is the scheduler's (scheduler.py); every state change here is a conditional
 UPDATE from `waiting`, so a request ends once whoever tries.
 """
@@ -100,9 +103,9 @@ def read_line(session: Session, settings: Settings, now: datetime) -> list[Waiti
 
 def in_order(rows: Iterable[Waiting], usage: dict[str, float]) -> list[Waiting]:
     """The serving order of rows as read_line gives them (oldest first): aged requests
-    first (oldest first), then by their user's fair-share usage, smallest first; ties
-    keep the older first (the sort is stable)."""
-    return sorted(rows, key=lambda r: (0, 0.0) if r.aged else (1, usage.get(r.user, 0.0)))
+    before the others, each by their user's fair-share usage, smallest first; ties keep
+    the older first (the sort is stable)."""
+    return sorted(rows, key=lambda r: (not r.aged, usage.get(r.user, 0.0)))
 
 
 def ordered(session: Session, settings: Settings, now: datetime) -> list[Waiting]:

@@ -151,7 +151,7 @@ def read_type(session: Session, gpu_type: str, silent: set[str], now: datetime) 
 
 
 def load(session: Session, settings: Settings, now: datetime) -> PassView:
-    """Read what a pass decides on, once: five queries however long the line."""
+    """Read what a pass decides on, once: six queries however long the line."""
     rows = capacity.read(session)
     silent = hosts.silent_hosts(session, settings, now)
     plans = capacity.build(rows, leave_out=silent)
