@@ -65,12 +65,17 @@ def request(
         _check_rules(
             session, settings, actor, user, gpu_type, count, hours, gpu_ids, take_turns=False
         )
+
     # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
+    def still_free(session: Session) -> None:  # the ones before may have taken them all
+        if gpu_ids is None:
+            capacity.refuse_at_once(session, settings, gpu_type, count)
+
     for _attempt in range(64):
         try:
             # Requests take turns: a waiter starts the moment the one before commits, and
             # then sees what it took (no lost race to retry, no busy-handler sleeps).
-            with db.serialized("allocate") as session:
+            with db.serialized("allocate", first=still_free) as session:
                 granted = _grant(session, settings, actor, user, gpu_type, count, hours, gpu_ids)
             return granted
         except IntegrityError:

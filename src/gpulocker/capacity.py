@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from gpulocker import hosts as gpu_hosts
@@ -287,12 +287,36 @@ def choose(
             f"({len(free)} {gpu_type} GPU(s) free{note})",
             free=len(free),
         )
-    if len(free) >= count:
-        raise NotEnoughGPUs(
-            f"{len(free)} {gpu_type} GPU(s) are free but not {count} on one host{note}",
-            free=len(free),
+    raise too_few(gpu_type, count, len(free), note)
+
+
+def too_few(gpu_type: str, count: int, free: int, note: str) -> NotEnoughGPUs:
+    """The refusal when no host has `count` GPUs free now (`free` in all, `note` on the
+    silent hosts left out)."""
+    if free >= count:
+        return NotEnoughGPUs(
+            f"{free} {gpu_type} GPU(s) are free but not {count} on one host{note}", free=free
         )
-    raise NotEnoughGPUs(
-        f"not enough free {gpu_type} GPUs: asked for {count}, {len(free)} free{note}",
-        free=len(free),
+    return NotEnoughGPUs(
+        f"not enough free {gpu_type} GPUs: asked for {count}, {free} free{note}", free=free
     )
+
+
+def refuse_at_once(session: Session, settings: Settings, gpu_type: str, count: int) -> None:
+    """Raise what `choose` would when no host has `count` GPUs of the type free now,
+    from one count per host: for a request whose turn came after others took the GPUs,
+    a refusal that costs a small read instead of a write transaction. When some host has
+    enough free it says nothing (`choose` decides, bookings and all)."""
+    g, a = Gpu, Allocation
+    taken = (a.host == g.host) & (a.gpu_id == g.gpu_id) & (a.state == ACTIVE)
+    stmt = (
+        select(g.host, func.count())
+        .outerjoin(a, taken)
+        .where(g.gpu_type == gpu_type, g.healthy.is_(True), a.id.is_(None))
+        .where(g.error.is_distinct_from("not managed"))
+        .group_by(g.host)
+    )
+    silent = gpu_hosts.silent_hosts(session, settings)
+    free = {host: n for host, n in session.execute(stmt) if host not in silent}
+    if not any(n >= count for n in free.values()):
+        raise too_few(gpu_type, count, sum(free.values()), gpu_hosts.silence_note(silent, settings))
