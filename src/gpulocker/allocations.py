@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -199,12 +199,18 @@ def cuda_visible_devices(db: Database | Session, allocations: Sequence[Allocatio
     return cudaline.value((gpu_id, uuids.get((host, gpu_id))) for host, gpu_id in pairs)
 
 
+_UUIDS = select(Gpu.host, Gpu.gpu_id, Gpu.uuid).where(
+    Gpu.host.in_(bindparam("hosts", expanding=True)),
+    Gpu.gpu_id.in_(bindparam("ids", expanding=True)),
+)  # every grant names its GPUs: built once
+
+
 def _uuids(session: Session, pairs: list[tuple[str, int]]) -> dict[tuple[str, int], str | None]:
     wanted = set(pairs)
     if not wanted:
         return {}
-    hosts = {host for host, _ in wanted}
-    rows = session.execute(select(Gpu.host, Gpu.gpu_id, Gpu.uuid).where(Gpu.host.in_(hosts))).all()
+    params = {"hosts": sorted({h for h, _ in wanted}), "ids": sorted({i for _, i in wanted})}
+    rows = session.connection().execute(_UUIDS, params).all()
     return {(h, i): u for h, i, u in rows if (h, i) in wanted}
 
 

@@ -18,9 +18,9 @@ from bisect import bisect_right
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from sqlalchemy import func, select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from gpulocker import hosts as gpu_hosts
@@ -173,8 +173,7 @@ class Rows:
     booked: list[BookedRow]
 
 
-def read(session: Session, gpu_type: str | None = None) -> Rows:
-    """The rows of `gpu_type`'s plans (every type's when None)."""
+def _plan_statements(one_type: bool) -> tuple[Any, Any, Any]:
     g, a, r = Gpu, Allocation, Reservation
     gpus = select(g.host, g.gpu_id, g.gpu_type, g.device, g.healthy).where(
         g.error.is_distinct_from("not managed")
@@ -183,15 +182,27 @@ def read(session: Session, gpu_type: str | None = None) -> Rows:
     unreminded = r.reminded_at.is_(None).label("unreminded")
     booked = select(r.id, r.user, r.host, r.gpu_type, r.start_at, r.end_at, r.count, unreminded)
     active, booked = active.where(a.state == ACTIVE), booked.where(r.state == BOOKED)
-    if gpu_type is not None:
-        gpus = gpus.where(g.gpu_type == gpu_type)
-        active = active.where(a.gpu_type == gpu_type)
-        booked = booked.where(r.gpu_type == gpu_type)
+    if one_type:
+        gpus = gpus.where(g.gpu_type == bindparam("gpu_type"))
+        active = active.where(a.gpu_type == bindparam("gpu_type"))
+        booked = booked.where(r.gpu_type == bindparam("gpu_type"))
+    return gpus.order_by(g.host, g.gpu_id), active, booked
+
+
+# Built once: a statement built anew for every call costs more (building the expression,
+# its cache key) than running it on a small table.
+_PLANS = {one: _plan_statements(one) for one in (False, True)}
+
+
+def read(session: Session, gpu_type: str | None = None) -> Rows:
+    """The rows of `gpu_type`'s plans (every type's when None)."""
+    gpus, active, booked = _PLANS[gpu_type is not None]
+    params = {"gpu_type": gpu_type}
     run = session.connection().execute  # Core rows: no ORM loading for plain columns
     return Rows(
-        list(map(GpuRow._make, run(gpus.order_by(g.host, g.gpu_id)).all())),
-        list(map(ActiveRow._make, run(active).all())),
-        list(map(BookedRow._make, run(booked).all())),
+        list(map(GpuRow._make, run(gpus, params).all())),
+        list(map(ActiveRow._make, run(active, params).all())),
+        list(map(BookedRow._make, run(booked, params).all())),
     )
 
 
@@ -302,21 +313,27 @@ def too_few(gpu_type: str, count: int, free: int, note: str) -> NotEnoughGPUs:
     )
 
 
+_FREE_PER_HOST = (
+    select(Gpu.host, func.count())
+    .outerjoin(
+        Allocation,
+        (Allocation.host == Gpu.host)
+        & (Allocation.gpu_id == Gpu.gpu_id)
+        & (Allocation.state == ACTIVE),
+    )
+    .where(Gpu.gpu_type == bindparam("gpu_type"), Gpu.healthy.is_(True), Allocation.id.is_(None))
+    .where(Gpu.error.is_distinct_from("not managed"))
+    .group_by(Gpu.host)
+)
+
+
 def refuse_at_once(session: Session, settings: Settings, gpu_type: str, count: int) -> None:
     """Raise what `choose` would when no host has `count` GPUs of the type free now,
     from one count per host: for a request whose turn came after others took the GPUs,
     a refusal that costs a small read instead of a write transaction. When some host has
     enough free it says nothing (`choose` decides, bookings and all)."""
-    g, a = Gpu, Allocation
-    taken = (a.host == g.host) & (a.gpu_id == g.gpu_id) & (a.state == ACTIVE)
-    stmt = (
-        select(g.host, func.count())
-        .outerjoin(a, taken)
-        .where(g.gpu_type == gpu_type, g.healthy.is_(True), a.id.is_(None))
-        .where(g.error.is_distinct_from("not managed"))
-        .group_by(g.host)
-    )
+    rows = session.connection().execute(_FREE_PER_HOST, {"gpu_type": gpu_type}).all()
     silent = gpu_hosts.silent_hosts(session, settings)
-    free = {host: n for host, n in session.execute(stmt) if host not in silent}
+    free = {host: n for host, n in rows if host not in silent}
     if not any(n >= count for n in free.values()):
         raise too_few(gpu_type, count, sum(free.values()), gpu_hosts.silence_note(silent, settings))

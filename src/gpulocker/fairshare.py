@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from gpulocker.config import Settings
@@ -39,6 +40,11 @@ _CLOSED: dict[str, tuple[datetime, float, dict[str, float]]] = {}
 REFRESH = timedelta(minutes=10)
 
 
+_ENDED_SINCE = select(Allocation.user, Allocation.created_at, Allocation.released_at).where(
+    Allocation.released_at > bindparam("since")
+)  # built once (see capacity._PLANS)
+
+
 def _sums(
     session: Session,
     settings: Settings,
@@ -48,15 +54,17 @@ def _sums(
 ) -> dict[str, float]:
     half_life = settings.fairshare_half_life_hours
     end = func.coalesce(Allocation.released_at, Allocation.expires_at)
-    stmt = select(Allocation.user, Allocation.created_at, end)
+    stmt: Any = select(Allocation.user, Allocation.created_at, end)
+    params: dict[str, datetime] = {}
     if since is None:
         stmt = stmt.where(end > now - timedelta(hours=20 * half_life))
     elif running is None:  # still running, or ended after `since`
         stmt = stmt.where(or_(Allocation.released_at.is_(None), Allocation.released_at > since))
-    else:  # the running ones were read already: only those ended after `since`
-        stmt = stmt.where(Allocation.released_at > since)
+    else:  # the running ones were read already: only those ended after `since` (every pass)
+        stmt, params = _ENDED_SINCE, {"since": since}
     totals: dict[str, float] = {}
-    for user, start, stop in [*session.execute(stmt), *(running or ())]:
+    rows = session.connection().execute(stmt, params).all()
+    for user, start, stop in [*rows, *(running or ())]:
         totals[user] = totals.get(user, 0.0) + weighted_hours(start, stop, now, half_life)
     return totals
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from gpulocker import events, fairshare, inventory
@@ -91,14 +91,22 @@ class Waiting(NamedTuple):
     due: bool
 
 
+def _line_statement() -> Any:
+    q = QueuedRequest
+    aged = (q.created_at < bindparam("cutoff")).label("aged")
+    due = (q.wait_until <= bindparam("now")).label("due")
+    stmt = select(q.id, q.user, q.requested_by, q.gpu_type, q.count, q.hours, aged, due)
+    return stmt.where(q.state == WAITING).order_by(q.created_at, q.id)
+
+
+_LINE = _line_statement()  # built once (see capacity._PLANS)
+
+
 def read_line(session: Session, settings: Settings, now: datetime) -> list[Waiting]:
     """Every waiting request, oldest first."""
-    q = QueuedRequest
     cutoff = now - timedelta(hours=settings.queue_aging_hours)
-    aged, due = (q.created_at < cutoff).label("aged"), (q.wait_until <= now).label("due")
-    stmt = select(q.id, q.user, q.requested_by, q.gpu_type, q.count, q.hours, aged, due)
-    stmt = stmt.where(q.state == WAITING).order_by(q.created_at, q.id)
-    return list(map(Waiting._make, session.connection().execute(stmt).all()))
+    rows = session.connection().execute(_LINE, {"cutoff": cutoff, "now": now}).all()
+    return list(map(Waiting._make, rows))
 
 
 def in_order(rows: Iterable[Waiting], usage: dict[str, float]) -> list[Waiting]:
