@@ -35,19 +35,23 @@ class Line(NamedTuple):
     expires_at: datetime | None
 
 
+_held = and_(
+    Allocation.host == Gpu.host, Allocation.gpu_id == Gpu.gpu_id, Allocation.state == ACTIVE
+)
+_LINES = (
+    select(Gpu.host, Gpu.gpu_id, Gpu.gpu_type, Gpu.name, Gpu.device, Gpu.healthy, Gpu.error)
+    .add_columns(Gpu.mig, Gpu.memory_total_mib, Allocation.user, Allocation.id)
+    .add_columns(Allocation.expires_at)
+    .outerjoin(Allocation, _held)
+    .where(Gpu.error.is_distinct_from("not managed"))
+    .order_by(Gpu.host, Gpu.gpu_id)
+)  # built once: the status is polled every few seconds by every open page
+
+
 def _lines(session: Session) -> list[Line]:
     """Every managed GPU with its active allocation, by host and id: one query of plain
-    rows (the status of 8 hosts is 256 of them, polled every few seconds per browser)."""
-    g, a = Gpu, Allocation
-    held = and_(a.host == g.host, a.gpu_id == g.gpu_id, a.state == ACTIVE)
-    stmt = (
-        select(g.host, g.gpu_id, g.gpu_type, g.name, g.device, g.healthy, g.error, g.mig)
-        .add_columns(g.memory_total_mib, a.user, a.id, a.expires_at)
-        .outerjoin(a, held)
-        .where(g.error.is_distinct_from("not managed"))
-        .order_by(g.host, g.gpu_id)
-    )
-    return list(map(Line._make, session.connection().execute(stmt).all()))
+    rows (the status of 8 hosts is 256 of them)."""
+    return list(map(Line._make, session.connection().execute(_LINES).all()))
 
 
 def snapshot(ctx: Context, with_users: bool = True) -> dict[str, Any]:
