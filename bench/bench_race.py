@@ -52,36 +52,37 @@ def drop_database(url: str) -> None:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def prepare(url: str, gpus: int) -> Settings:
+WARM = "warm"  # a GPU type of its own, one GPU per racer, for the warm-up
+
+
+def prepare(url: str, gpus: int, racers: int) -> Settings:
     settings = Settings(database_url=url, gpu_host="bench", state_dir=Path(tempfile.gettempdir()))
     db = Database(url)
     db.upgrade()
-    infos = [GpuInfo(i, "bench", i, f"/dev/nvidia{i}", 1000) for i in range(gpus)]
+    infos = [GpuInfo(i, "bench", i, f"/dev/nvidia{i}", 1000) for i in range(gpus + racers)]
+    types = ["bench"] * gpus + [WARM] * racers
     with db.transaction() as session:
-        register(session, "bench", [TypedGpu(g, "bench") for g in infos])
+        register(session, "bench", [TypedGpu(g, t) for g, t in zip(infos, types, strict=True)])
     db.dispose()
     return settings
 
 
 def warm_up(db: Database, settings: Settings, user: str) -> None:
-    """Before the start line: one request in a transaction that is rolled back, so this
-    process has its connection open and SQLAlchemy's statements compiled, as a web worker
-    that has served a request before. Without it each racer compiles every statement of a
-    request (tens of ms of CPU) inside the race, which the one-after-another baseline, in
-    one warm process, never pays."""
-    session = db._writes()
-    try:
-        with session.begin():
-            with contextlib.suppress(NotEnoughGPUs):
-                allocations._grant(session, settings, user, user, "bench", 1, 1.0, None)
-            session.rollback()
-    finally:
-        session.close()
+    """Before the start line, serve this process requests as a web worker has served many:
+    a grant of a GPU of another type, committed, then released, and a refusal on the read.
+    So its connection is open, every statement of a request is compiled and the code and
+    data of each step have been touched since the fork. Without it each racer pays those
+    first times (several ms of CPU, as much as the request itself) inside the race, which
+    the one-after-another baseline, warmed the same way in one process, pays once."""
+    (row,) = allocations.request(db, settings, user, WARM, 1, 1)
+    allocations.release(db, settings, user, row.id)
+    with contextlib.suppress(NotEnoughGPUs):
+        allocations.request(db, settings, user, "bench", 999, 1)
 
 
 def one_request_unlocked(settings: Settings, user: str, barrier: object, out: object) -> None:
     """As `one_request`, without the allocation lock (the code before Database.serialized)."""
-    Database.serialized = lambda self, key: self.transaction()  # type: ignore[method-assign]
+    Database.serialized = lambda self, key, first=None: self.transaction()  # type: ignore[method-assign]
     one_request(settings, user, barrier, out)
 
 
@@ -99,6 +100,14 @@ def one_request(settings: Settings, user: str, barrier: object, out: object) -> 
     except Exception as exc:  # a benchmark counts every failure
         outcome = f"error: {type(exc).__name__}: {exc}"
     out.put((outcome, time.perf_counter() - start))  # type: ignore[attr-defined]
+    finish(db, barrier)
+
+
+def finish(db: Database, barrier: object) -> None:
+    """Stay until every racer has its answer, then go. A web worker lives on after a
+    request; a racer that exited at once would spend the CPU of its interpreter's teardown
+    (tens of ms) while the others still wait for their turn, and count against them."""
+    barrier.wait()  # type: ignore[attr-defined]
     db.dispose()
 
 
@@ -112,7 +121,7 @@ def one_trivial(settings: Settings, user: str, barrier: object, out: object) -> 
     with db.session() as s:
         s.execute(text("SELECT 1")).scalar()
     out.put(("trivial", time.perf_counter() - start))  # type: ignore[attr-defined]
-    db.dispose()
+    finish(db, barrier)
 
 
 def race(settings: Settings, requests: int, target: Any = None) -> tuple[list[str], list[float]]:
@@ -136,6 +145,7 @@ def sequential(settings: Settings, requests: int) -> list[float]:
     db = Database(settings.database_url)
     admin_settings = settings.with_overrides(privileged_users=("admin",))
     allocations.reset(db, admin_settings, "admin")
+    warm_up(db, settings, "seq")
     times = []
     for i in range(requests):
         start = time.perf_counter()
@@ -161,7 +171,7 @@ def main() -> int:
         for kind in ("sqlite", "postgresql"):
             url = fresh_database(kind, Path(tmp))
             try:
-                settings = prepare(url, args.gpus)
+                settings = prepare(url, args.gpus, args.requests)
                 _, trivial = race(settings, args.requests, one_trivial)
                 unlocked = race(settings, args.requests, one_request_unlocked)
                 db = Database(settings.database_url)

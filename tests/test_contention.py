@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import time_machine
 from sqlalchemy import select, text
 
-from gpulocker import allocations
+from gpulocker import allocations, capacity, heartbeat
 from gpulocker.config import Settings
 from gpulocker.db import Database
 from gpulocker.errors import NotEnoughGPUs
-from gpulocker.models import Allocation
+from gpulocker.gpus import GpuInfo
+from gpulocker.inventory import TypedGpu, register
+from gpulocker.models import Allocation, utcnow
 
 
 def _race(db: Database, settings: Settings, racers: int) -> list[str]:
@@ -80,3 +86,79 @@ def test_the_lock_ends_with_the_request(db: Database, settings: Settings) -> Non
             text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
         ).scalar()
     assert advisory == 0
+
+
+def test_a_turn_that_comes_after_the_gpus_went_is_refused_without_a_write(
+    db: Database, settings: Settings
+) -> None:
+    """A waiter that passed the read check, and whose turn comes once the ones before it
+    took every GPU, is refused on a small read: it never asks for SQLite's write lock."""
+    if not db.is_sqlite:
+        pytest.skip("the turn is a file lock and the write lock SQLite's")
+    database = db.url.split("///", 1)[1]
+    turn = os.open(f"{database}.allocate.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(turn, fcntl.LOCK_EX)  # the one before holds the turn
+    outcome: list[str] = []
+
+    def waiter() -> None:
+        try:
+            allocations.request(db, settings, "waiter", "4090", 1, 1)
+            outcome.append("granted")
+        except NotEnoughGPUs as exc:
+            outcome.append(exc.message)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    _blocked_on(turn)  # it read that GPUs are free and now waits for its turn
+    with db.transaction() as session:  # the one before takes them all
+        allocations._grant(session, settings, "before", "before", "4090", 4, 1, None)
+    writer = sqlite3.connect(database, timeout=1)
+    writer.isolation_level = None
+    writer.execute("BEGIN IMMEDIATE")  # a write transaction now would wait for this
+    try:
+        started = time.monotonic()
+        os.close(turn)
+        thread.join(5)
+        assert time.monotonic() - started < 5 and not thread.is_alive()
+    finally:
+        writer.rollback()
+        writer.close()
+    assert outcome == ["not enough free 4090 GPUs: asked for 1, 0 free"]
+
+
+def _blocked_on(fd: int) -> None:
+    """Wait until another thread is blocked on the flock of `fd` (/proc/locks lists it)."""
+    inode = f":{os.fstat(fd).st_ino} "
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open("/proc/locks") as locks:
+            if any("->" in line and "FLOCK" in line and inode in line for line in locks):
+                return
+        time.sleep(0.01)
+    raise AssertionError("the waiter never waited for its turn")
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_a_refusal_at_once_says_what_a_full_check_says(
+    db: Database, settings: Settings, count: int
+) -> None:
+    """Two free GPUs here, two on a host whose agent is silent, one on a third host."""
+    allocations.request(db, settings, "alice", "4090", 2, 1)
+    for host, n in (("silent", 2), ("small", 1)):
+        infos = [GpuInfo(i, "RTX 4090", i, f"/dev/nvidia{i}", 24000) for i in range(n)]
+        with db.transaction() as session:
+            register(session, host, [TypedGpu(g, "4090") for g in infos])
+    stale = utcnow() - timedelta(seconds=settings.agent_stale_seconds + 5)
+    with time_machine.travel(stale, tick=False), db.transaction() as session:
+        heartbeat.beat(session, heartbeat.agent_name("silent"))
+    with db.session() as session:
+        if count <= 2:  # some host has enough: the full check decides
+            capacity.refuse_at_once(session, settings, "4090", count)
+            assert len(capacity.choose(session, settings, "4090", count, 1, utcnow())) == count
+            return
+        with pytest.raises(NotEnoughGPUs) as quick:
+            capacity.refuse_at_once(session, settings, "4090", count)
+        with pytest.raises(NotEnoughGPUs) as full:
+            capacity.choose(session, settings, "4090", count, 1, utcnow())
+    assert quick.value.message == full.value.message and "silent" in quick.value.message
+    assert quick.value.details == full.value.details == {"free": 3}

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -65,12 +65,17 @@ def request(
         _check_rules(
             session, settings, actor, user, gpu_type, count, hours, gpu_ids, take_turns=False
         )
+
     # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
+    def still_free(session: Session) -> None:  # the ones before may have taken them all
+        if gpu_ids is None:
+            capacity.refuse_at_once(session, settings, gpu_type, count)
+
     for _attempt in range(64):
         try:
             # Requests take turns: a waiter starts the moment the one before commits, and
             # then sees what it took (no lost race to retry, no busy-handler sleeps).
-            with db.serialized("allocate") as session:
+            with db.serialized("allocate", first=still_free) as session:
                 granted = _grant(session, settings, actor, user, gpu_type, count, hours, gpu_ids)
             return granted
         except IntegrityError:
@@ -155,7 +160,7 @@ def _check_rules(
     hours: float,
     gpu_ids: Sequence[int] | None,
     take_turns: bool = True,
-) -> list[Gpu]:
+) -> list[capacity.Slot]:
     """The rules that read the database; the GPUs to take, or the refusal. `take_turns`
     serialises one user's requests (only inside the write transaction)."""
     types = inventory.known_types(session)
@@ -194,6 +199,12 @@ def cuda_visible_devices(db: Database | Session, allocations: Sequence[Allocatio
     return cudaline.value((gpu_id, uuids.get((host, gpu_id))) for host, gpu_id in pairs)
 
 
+_UUIDS = select(Gpu.host, Gpu.gpu_id, Gpu.uuid).where(
+    Gpu.host.in_(bindparam("hosts", expanding=True)),
+    Gpu.gpu_id.in_(bindparam("ids", expanding=True)),
+)  # every grant names its GPUs: built once
+
+
 def cuda_lines(session: Session, groups: Sequence[Sequence[Allocation]]) -> list[str]:
     """`cuda_visible_devices` of each group of allocations, with one query for them all."""
     uuids = _uuids(session, [(a.host, a.gpu_id) for group in groups for a in group])
@@ -204,8 +215,8 @@ def _uuids(session: Session, pairs: list[tuple[str, int]]) -> dict[tuple[str, in
     wanted = set(pairs)
     if not wanted:
         return {}
-    hosts = {host for host, _ in wanted}
-    rows = session.execute(select(Gpu.host, Gpu.gpu_id, Gpu.uuid).where(Gpu.host.in_(hosts))).all()
+    params = {"hosts": sorted({h for h, _ in wanted}), "ids": sorted({i for _, i in wanted})}
+    rows = session.connection().execute(_UUIDS, params).all()
     return {(h, i): u for h, i, u in rows if (h, i) in wanted}
 
 

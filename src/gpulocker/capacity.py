@@ -15,15 +15,15 @@ GPU type. The database, not the process, serializes them.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
-from sqlalchemy import select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from gpulocker import hosts as gpu_hosts
-from gpulocker import inventory
 from gpulocker.config import Settings
 from gpulocker.errors import NotEnoughGPUs
 from gpulocker.models import ACTIVE, BOOKED, Allocation, Gpu
@@ -39,6 +39,15 @@ def lock_type(session: Session, gpu_type: str) -> None:
         )
 
 
+class Slot(NamedTuple):
+    """A free GPU as a grant needs it (a plain row, not an ORM object)."""
+
+    host: str
+    gpu_id: int
+    gpu_type: str
+    device: str
+
+
 @dataclass
 class HostPlan:
     """One host's GPUs of one type: capacity, running allocations' ends, bookings.
@@ -49,7 +58,7 @@ class HostPlan:
 
     host: str
     capacity: int
-    free_now: list[Gpu] = field(default_factory=list)
+    free_now: list[Slot] = field(default_factory=list)  # by GPU id
     ends: list[datetime] = field(default_factory=list)  # active allocations' expires_at
     bookings: list[tuple[datetime, datetime, int]] = field(default_factory=list)
     _times: list[datetime] | None = None
@@ -112,47 +121,123 @@ class HostPlan:
             moment = over[1]
         return None
 
+    def take(self, gpu_ids: Set[int], until: datetime) -> None:
+        """Count a grant of `gpu_ids` until `until` (the pass's picture after it grants)."""
+        self.free_now = [g for g in self.free_now if g.gpu_id not in gpu_ids]
+        self.ends.extend(until for _ in gpu_ids)
+        self._times = None
+
     def free_until(self, start: datetime, count: int) -> datetime | None:
         """Until when `count` more GPUs stay free from `start` (None: nothing ends it)."""
         over = self._first_over(start, self.capacity - count)
         return over[0] if over is not None else None
 
 
+class GpuRow(NamedTuple):
+    host: str
+    gpu_id: int
+    gpu_type: str
+    device: str
+    healthy: bool
+
+
+class ActiveRow(NamedTuple):
+    id: int
+    user: str
+    host: str
+    gpu_id: int
+    gpu_type: str
+    created_at: datetime
+    expires_at: datetime
+
+
+class BookedRow(NamedTuple):
+    id: int
+    user: str
+    host: str
+    gpu_type: str
+    start_at: datetime
+    end_at: datetime
+    count: int  # type: ignore[assignment]  # a field, where tuples have a method
+    unreminded: bool  # its holders have not been reminded yet
+
+
+@dataclass
+class Rows:
+    """What every plan is made of, read in three queries: managed GPUs, active
+    allocations, booked reservations (of all types, or of one). Plain tuples: a pass
+    reads a thousand rows, and ORM objects or SQLAlchemy rows cost several times more."""
+
+    gpus: list[GpuRow]
+    active: list[ActiveRow]
+    booked: list[BookedRow]
+
+
+def _plan_statements(one_type: bool) -> tuple[Any, Any, Any]:
+    g, a, r = Gpu, Allocation, Reservation
+    gpus = select(g.host, g.gpu_id, g.gpu_type, g.device, g.healthy).where(
+        g.error.is_distinct_from("not managed")
+    )
+    active = select(a.id, a.user, a.host, a.gpu_id, a.gpu_type, a.created_at, a.expires_at)
+    unreminded = r.reminded_at.is_(None).label("unreminded")
+    booked = select(r.id, r.user, r.host, r.gpu_type, r.start_at, r.end_at, r.count, unreminded)
+    active, booked = active.where(a.state == ACTIVE), booked.where(r.state == BOOKED)
+    if one_type:
+        gpus = gpus.where(g.gpu_type == bindparam("gpu_type"))
+        active = active.where(a.gpu_type == bindparam("gpu_type"))
+        booked = booked.where(r.gpu_type == bindparam("gpu_type"))
+    return gpus.order_by(g.host, g.gpu_id), active, booked
+
+
+# Built once: a statement built anew for every call costs more (building the expression,
+# its cache key) than running it on a small table.
+_PLANS = {one: _plan_statements(one) for one in (False, True)}
+
+
+def read(session: Session, gpu_type: str | None = None) -> Rows:
+    """The rows of `gpu_type`'s plans (every type's when None)."""
+    gpus, active, booked = _PLANS[gpu_type is not None]
+    params = {"gpu_type": gpu_type}
+    run = session.connection().execute  # Core rows: no ORM loading for plain columns
+    return Rows(
+        list(map(GpuRow._make, run(gpus, params).all())),
+        list(map(ActiveRow._make, run(active, params).all())),
+        list(map(BookedRow._make, run(booked, params).all())),
+    )
+
+
+def build(
+    rows: Rows, exclude_reservation: int | None = None, leave_out: Set[str] = frozenset()
+) -> dict[str, dict[str, HostPlan]]:
+    """Per type, every host's plan (hosts in `leave_out` left out), from `rows`."""
+    result: dict[str, dict[str, HostPlan]] = {}
+    taken = {(a.host, a.gpu_id) for a in rows.active}
+    for host, gpu_id, gpu_type, device, healthy in rows.gpus:
+        if host in leave_out:
+            continue
+        plan = result.setdefault(gpu_type, {}).get(host)
+        if plan is None:
+            plan = result[gpu_type][host] = HostPlan(host, 0)
+        if healthy:
+            plan.capacity += 1
+            if (host, gpu_id) not in taken:
+                plan.free_now.append(Slot(host, gpu_id, gpu_type, device))
+    for a in rows.active:
+        holding = result.get(a.gpu_type, {}).get(a.host)
+        if holding is not None:
+            holding.ends.append(a.expires_at)
+    for b in rows.booked:
+        booked = result.get(b.gpu_type, {}).get(b.host)
+        if booked is not None and b.id != exclude_reservation:
+            booked.bookings.append((b.start_at, b.end_at, b.count))
+    return result
+
+
 def plans(
     session: Session, gpu_type: str, exclude_reservation: int | None = None
 ) -> dict[str, HostPlan]:
     """Every host's plan for `gpu_type`, from the database as it is now."""
-    result: dict[str, HostPlan] = {}
-    gpus = session.scalars(
-        select(Gpu).where(Gpu.gpu_type == gpu_type, Gpu.error.is_distinct_from("not managed"))
-    ).all()
-    for gpu in gpus:
-        plan = result.setdefault(gpu.host, HostPlan(gpu.host, 0))
-        plan.capacity += int(gpu.healthy)
-    for gpu in inventory.free_gpus(session, gpu_type):
-        if gpu.host in result:
-            result[gpu.host].free_now.append(gpu)
-    ends = session.execute(
-        select(Allocation.host, Allocation.expires_at).where(
-            Allocation.gpu_type == gpu_type, Allocation.state == ACTIVE
-        )
-    )
-    for host, end in ends:
-        if host in result:
-            result[host].ends.append(end)
-    booked = session.execute(
-        select(
-            Reservation.id,
-            Reservation.host,
-            Reservation.start_at,
-            Reservation.end_at,
-            Reservation.count,
-        ).where(Reservation.gpu_type == gpu_type, Reservation.state == BOOKED)
-    )
-    for rid, host, start, end, count in booked:
-        if host in result and rid != exclude_reservation:
-            result[host].bookings.append((start, end, count))
-    return result
+    return build(read(session, gpu_type), exclude_reservation).get(gpu_type, {})
 
 
 def sure_start(
@@ -172,7 +257,7 @@ def choose(
     hours: float,
     now: datetime,
     gpu_ids: Sequence[int] | None = None,
-) -> list[Gpu]:
+) -> list[Slot]:
     """Pick free GPUs on one host (this host first) that no booking needs during the
     allocation, or refuse saying how many are free and, when a booking is in the way,
     until when they are free."""
@@ -213,12 +298,42 @@ def choose(
             f"({len(free)} {gpu_type} GPU(s) free{note})",
             free=len(free),
         )
-    if len(free) >= count:
-        raise NotEnoughGPUs(
-            f"{len(free)} {gpu_type} GPU(s) are free but not {count} on one host{note}",
-            free=len(free),
+    raise too_few(gpu_type, count, len(free), note)
+
+
+def too_few(gpu_type: str, count: int, free: int, note: str) -> NotEnoughGPUs:
+    """The refusal when no host has `count` GPUs free now (`free` in all, `note` on the
+    silent hosts left out)."""
+    if free >= count:
+        return NotEnoughGPUs(
+            f"{free} {gpu_type} GPU(s) are free but not {count} on one host{note}", free=free
         )
-    raise NotEnoughGPUs(
-        f"not enough free {gpu_type} GPUs: asked for {count}, {len(free)} free{note}",
-        free=len(free),
+    return NotEnoughGPUs(
+        f"not enough free {gpu_type} GPUs: asked for {count}, {free} free{note}", free=free
     )
+
+
+_FREE_PER_HOST = (
+    select(Gpu.host, func.count())
+    .outerjoin(
+        Allocation,
+        (Allocation.host == Gpu.host)
+        & (Allocation.gpu_id == Gpu.gpu_id)
+        & (Allocation.state == ACTIVE),
+    )
+    .where(Gpu.gpu_type == bindparam("gpu_type"), Gpu.healthy.is_(True), Allocation.id.is_(None))
+    .where(Gpu.error.is_distinct_from("not managed"))
+    .group_by(Gpu.host)
+)
+
+
+def refuse_at_once(session: Session, settings: Settings, gpu_type: str, count: int) -> None:
+    """Raise what `choose` would when no host has `count` GPUs of the type free now,
+    from one count per host: for a request whose turn came after others took the GPUs,
+    a refusal that costs a small read instead of a write transaction. When some host has
+    enough free it says nothing (`choose` decides, bookings and all)."""
+    rows = session.connection().execute(_FREE_PER_HOST, {"gpu_type": gpu_type}).all()
+    silent = gpu_hosts.silent_hosts(session, settings)
+    free = {host: n for host, n in rows if host not in silent}
+    if not any(n >= count for n in free.values()):
+        raise too_few(gpu_type, count, sum(free.values()), gpu_hosts.silence_note(silent, settings))

@@ -12,7 +12,7 @@ import fcntl
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -114,7 +114,9 @@ class Database:
             yield session
 
     @contextmanager
-    def serialized(self, key: str) -> Iterator[Session]:
+    def serialized(
+        self, key: str, first: Callable[[Session], None] | None = None
+    ) -> Iterator[Session]:
         """A write transaction that waits its turn behind others of the same `key`.
 
         For hot spots where many writers want the same rows at once (allocation requests):
@@ -124,6 +126,11 @@ class Database:
         advisory lock. SQLite: `flock` on a file beside the database (one per key), taken
         before BEGIN IMMEDIATE; without that file (no right to create it) it is a plain
         transaction. Correctness never rests on this lock, only speed under contention.
+
+        `first`, when given, runs once the turn has come and before the write begins (on
+        SQLite in a read session, before BEGIN IMMEDIATE): an exception from it ends the
+        turn there, so a writer that finds its work already impossible (the GPUs went to
+        the ones before it) costs the others a small read, not a write transaction.
         """
         if not self.is_sqlite:
             with self.transaction() as session:
@@ -131,12 +138,17 @@ class Database:
                     text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
                     {"key": f"gpulocker:{key}"},
                 )
+                if first is not None:
+                    first(session)
                 yield session
             return
         fd = self._lock_file(key)
         try:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            if first is not None:
+                with self.session() as session:
+                    first(session)
             with self.transaction() as session:
                 yield session
         finally:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from gpulocker.config import Settings
@@ -31,32 +32,53 @@ def weighted_hours(start: datetime, end: datetime, now: datetime, half_life_hour
     return half_life_hours / math.log(2) * (weight(end) - weight(start))
 
 
+Held = tuple[str, datetime, datetime]  # (user, start, end) of one GPU held
+
 # Per database: (when, sums of allocations that had ended by then). Ended allocations
 # only decay, by 0.5 ** (elapsed / H) all alike, so a pass reads only what changed since.
 _CLOSED: dict[str, tuple[datetime, float, dict[str, float]]] = {}
 REFRESH = timedelta(minutes=10)
 
 
+_ENDED_SINCE = select(Allocation.user, Allocation.created_at, Allocation.released_at).where(
+    Allocation.released_at > bindparam("since")
+)  # built once (see capacity._PLANS)
+
+
 def _sums(
-    session: Session, settings: Settings, now: datetime, since: datetime | None
+    session: Session,
+    settings: Settings,
+    now: datetime,
+    since: datetime | None,
+    running: Iterable[Held] | None = None,
 ) -> dict[str, float]:
     half_life = settings.fairshare_half_life_hours
     end = func.coalesce(Allocation.released_at, Allocation.expires_at)
-    stmt = select(Allocation.user, Allocation.created_at, end)
+    stmt: Any = select(Allocation.user, Allocation.created_at, end)
+    params: dict[str, datetime] = {}
     if since is None:
         stmt = stmt.where(end > now - timedelta(hours=20 * half_life))
-    else:  # still running, or ended after `since`
+    elif running is None:  # still running, or ended after `since`
         stmt = stmt.where(or_(Allocation.released_at.is_(None), Allocation.released_at > since))
+    else:  # the running ones were read already: only those ended after `since` (every pass)
+        stmt, params = _ENDED_SINCE, {"since": since}
     totals: dict[str, float] = {}
-    for user, start, stop in session.execute(stmt):
+    rows = session.connection().execute(stmt, params).all()
+    for user, start, stop in [*rows, *(running or ())]:
         totals[user] = totals.get(user, 0.0) + weighted_hours(start, stop, now, half_life)
     return totals
 
 
 def usage(
-    session: Session, settings: Settings, now: datetime, users: Iterable[str] | None = None
+    session: Session,
+    settings: Settings,
+    now: datetime,
+    users: Iterable[str] | None = None,
+    running: Iterable[Held] | None = None,
 ) -> dict[str, float]:
-    """Each user's fair-share usage now (decayed GPU-hours); users with none are absent."""
+    """Each user's fair-share usage now (decayed GPU-hours); users with none are absent.
+    `running`: every active allocation as (user, created_at, expires_at), when the caller
+    has read them already (the scheduling pass)."""
     half_life = settings.fairshare_half_life_hours
     key = f"{session.get_bind().engine.url}:{half_life}"
     cached = _CLOSED.get(key)
@@ -70,7 +92,7 @@ def usage(
     at, _h, closed = cached
     factor = 0.5 ** ((now - at).total_seconds() / 3600 / half_life)
     totals = {user: value * factor for user, value in closed.items()}
-    for user, value in _sums(session, settings, now, at).items():
+    for user, value in _sums(session, settings, now, at, running).items():
         totals[user] = totals.get(user, 0.0) + value
     if users is not None:
         wanted = set(users)

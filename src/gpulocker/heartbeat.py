@@ -51,7 +51,10 @@ def agents_alive(session: Session, settings: Settings, hosts: Iterable[str]) -> 
     return not any(is_stale(age_seconds(session, agent_name(h)), settings) for h in set(hosts))
 
 
+_AGENTS = select(Heartbeat).where(Heartbeat.name.like("agent:%")).order_by(Heartbeat.name)
+
+
 def agents(session: Session) -> list[Heartbeat]:
-    """Every agent that ever beat (one per GPU host)."""
-    stmt = select(Heartbeat).where(Heartbeat.name.like("agent:%")).order_by(Heartbeat.name)
-    return list(session.scalars(stmt))
+    """Every agent that ever beat (one per GPU host). Read by every request and every
+    scheduling pass: the statement is built once."""
+    return list(session.scalars(_AGENTS))

@@ -182,10 +182,13 @@ def type_counts(session: Session) -> dict[str, dict[str, int]]:
     return counts
 
 
+_KNOWN_TYPES = select(Gpu.gpu_type).where(Gpu.error.is_distinct_from("not managed")).distinct()
+
+
 def known_types(session: Session) -> list[str]:
-    """The GPU types that exist (managed), sorted."""
-    stmt = select(Gpu.gpu_type).where(Gpu.error.is_distinct_from("not managed")).distinct()
-    return sorted(session.scalars(stmt))
+    """The GPU types that exist (managed), sorted. Read by every request: the statement
+    is built once."""
+    return sorted(session.scalars(_KNOWN_TYPES))
 
 
 def set_health(session: Session, host: str, gpu_id: int, healthy: bool, error: str | None) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from gpulocker import events
@@ -13,17 +13,21 @@ from gpulocker.db import Database
 from gpulocker.errors import Forbidden, NotFound
 from gpulocker.models import Lockout, utcnow
 
+_ACTIVE = (
+    select(Lockout)
+    .where(
+        Lockout.user == bindparam("user"),
+        Lockout.until > bindparam("now"),
+        Lockout.lifted_at.is_(None),
+    )
+    .order_by(Lockout.until.desc())
+    .limit(1)
+)  # read by every request: built once
+
 
 def active(session: Session, user: str, now: datetime | None = None) -> Lockout | None:
     """The user's lockout that ends last, if one is in force."""
-    now = now or utcnow()
-    stmt = (
-        select(Lockout)
-        .where(Lockout.user == user, Lockout.until > now, Lockout.lifted_at.is_(None))
-        .order_by(Lockout.until.desc())
-        .limit(1)
-    )
-    return session.scalar(stmt)
+    return session.scalar(_ACTIVE, {"user": user, "now": now or utcnow()})
 
 
 def all_active(session: Session, now: datetime | None = None) -> list[Lockout]:

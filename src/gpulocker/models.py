@@ -109,6 +109,7 @@ class Allocation(Base):
         Index("ix_allocations_user_state", "user", "state"),
         Index("ix_allocations_state_expires", "state", "expires_at"),
         Index("ix_allocations_host_removed", "host", "access_removed_at"),  # agent's pending work
+        Index("ix_allocations_released", "released_at"),  # fair share: what ended since
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

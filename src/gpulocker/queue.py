@@ -1,7 +1,10 @@
 """Waiting requests (SPEC section 11): the line, its order, cancelling and timing out.
 
-Order: a request that has waited longer than QUEUE_AGING_HOURS goes first (oldest first);
-the others by their user's fair-share usage (smallest first), ties to the older request.
+Order: a request that has waited longer than QUEUE_AGING_HOURS (aged) goes before every
+request that has not; within each of the two, by the user's fair-share usage (smallest
+first), ties to the older request. Aged requests among themselves are not oldest first:
+in a line that stays long every request ages, and oldest first made the line first come
+first served, heavy users' long jobs ahead of light users' (bench/simulate_week.py).
 Granting is the scheduler's (scheduler.py); every state change here is a conditional
 UPDATE from `waiting`, so a request ends once whoever tries.
 """
@@ -9,10 +12,11 @@ UPDATE from `waiting`, so a request ends once whoever tries.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from gpulocker import events, fairshare, inventory
@@ -78,22 +82,50 @@ def check_wait(settings: Settings, wait_hours: float | None) -> float:
     return float(wait_hours)
 
 
-def order_key(
-    row: Any, usage: dict[str, float], now: datetime, aging_hours: float
-) -> tuple[int, float, datetime, int]:
-    """Aged requests first (oldest first), then by fair-share usage, then the older."""
-    aged = now - row.created_at > timedelta(hours=aging_hours)
-    return (0 if aged else 1, 0.0 if aged else usage.get(row.user, 0.0), row.created_at, row.id)
+class Waiting(NamedTuple):
+    """A waiting request as the scheduler reads it: `aged` (it waited longer than
+    QUEUE_AGING_HOURS) and `due` (its wait ended) come from the database, so a pass
+    converts no dates."""
+
+    id: int
+    user: str
+    requested_by: str
+    gpu_type: str
+    count: int  # type: ignore[assignment]  # a field, where tuples have a method
+    hours: float
+    aged: bool
+    due: bool
 
 
-def ordered(session: Session, settings: Settings, now: datetime) -> list[Any]:
-    """Every waiting request (id, user, gpu_type, count, hours, created_at), in the order
-    the scheduler serves them. Plain rows, not ORM objects: a pass reads a thousand."""
+def _line_statement() -> Any:
     q = QueuedRequest
-    stmt = select(q.id, q.user, q.gpu_type, q.count, q.hours, q.created_at)
-    rows = list(session.execute(stmt.where(q.state == WAITING)))
-    usage = fairshare.usage(session, settings, now, {r.user for r in rows})
-    return sorted(rows, key=lambda r: order_key(r, usage, now, settings.queue_aging_hours))
+    aged = (q.created_at < bindparam("cutoff")).label("aged")
+    due = (q.wait_until <= bindparam("now")).label("due")
+    stmt = select(q.id, q.user, q.requested_by, q.gpu_type, q.count, q.hours, aged, due)
+    return stmt.where(q.state == WAITING).order_by(q.created_at, q.id)
+
+
+_LINE = _line_statement()  # built once (see capacity._PLANS)
+
+
+def read_line(session: Session, settings: Settings, now: datetime) -> list[Waiting]:
+    """Every waiting request, oldest first."""
+    cutoff = now - timedelta(hours=settings.queue_aging_hours)
+    rows = session.connection().execute(_LINE, {"cutoff": cutoff, "now": now}).all()
+    return list(map(Waiting._make, rows))
+
+
+def in_order(rows: Iterable[Waiting], usage: dict[str, float]) -> list[Waiting]:
+    """The serving order of rows as read_line gives them (oldest first): aged requests
+    before the others, each by their user's fair-share usage, smallest first; ties keep
+    the older first (the sort is stable)."""
+    return sorted(rows, key=lambda r: (not r.aged, usage.get(r.user, 0.0)))
+
+
+def ordered(session: Session, settings: Settings, now: datetime) -> list[Waiting]:
+    """Every waiting request (read_line's rows), in the order the scheduler serves them."""
+    rows = read_line(session, settings, now)
+    return in_order(rows, fairshare.usage(session, settings, now, {r.user for r in rows}))
 
 
 def positions(session: Session, settings: Settings, now: datetime) -> dict[int, int]:

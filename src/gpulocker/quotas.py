@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import pwd
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -93,16 +94,9 @@ def check(
 ) -> None:
     """Refuse (403 `quota`) a request of `count` GPUs for `hours` that would pass a limit."""
     limits = limits_for(settings, user)
-    if limits.max_gpus is not None:
-        held = held_now(session, user)
-        if held + count > limits.max_gpus:
-            raise Quota(
-                f"{user} holds {held} GPU(s); at most {limits.max_gpus} per user "
-                "(quota max_gpus, MAX_GPUS_PER_USER)",
-                usage={"gpus": held},
-                limits=limits.to_dict(),
-            )
-    check_hours(session, settings, user, count, hours, now, limits)
+    held = held_now(session, user) if limits.max_gpus is not None else None
+    used = week_usage(session, user, now) if limits.gpu_hours_per_week is not None else None
+    judge(user, limits, count, hours, held, used)
 
 
 def check_hours(
@@ -117,14 +111,52 @@ def check_hours(
     """Refuse GPU-hours past `gpu_hours_per_week` (bookings are checked by this alone)."""
     limits = limits or limits_for(settings, user)
     if limits.gpu_hours_per_week is not None:
-        used = week_usage(session, user, now)
-        if used + count * hours > limits.gpu_hours_per_week + 1e-9:
-            raise Quota(
-                f"{user} has used {used:.1f} of {limits.gpu_hours_per_week:g} GPU-hours this "
-                f"week; {count * hours:g} more would pass the quota (gpu_hours_per_week)",
-                usage={"gpu_hours_week": round(used, 3)},
-                limits=limits.to_dict(),
-            )
+        judge(user, limits, count, hours, None, week_usage(session, user, now))
+
+
+def judge(
+    user: str, limits: Limits, count: int, hours: float, held: int | None, used: float | None
+) -> None:
+    """The rule itself, on numbers already read: `held` GPUs now, `used` GPU-hours this
+    week (None: that limit is not checked). Raises Quota when `count` more GPUs for
+    `hours` would pass a limit."""
+    if limits.max_gpus is not None and held is not None and held + count > limits.max_gpus:
+        raise Quota(
+            f"{user} holds {held} GPU(s); at most {limits.max_gpus} per user "
+            "(quota max_gpus, MAX_GPUS_PER_USER)",
+            usage={"gpus": held},
+            limits=limits.to_dict(),
+        )
+    week = limits.gpu_hours_per_week
+    if week is not None and used is not None and used + count * hours > week + 1e-9:
+        raise Quota(
+            f"{user} has used {used:.1f} of {week:g} GPU-hours this "
+            f"week; {count * hours:g} more would pass the quota (gpu_hours_per_week)",
+            usage={"gpu_hours_week": round(used, 3)},
+            limits=limits.to_dict(),
+        )
+
+
+def week_usage_many(session: Session, users: Iterable[str], now: datetime) -> dict[str, float]:
+    """week_usage for many users in two queries (the scheduling pass)."""
+    wanted = sorted(set(users))
+    totals = dict.fromkeys(wanted, 0.0)
+    if not wanted:
+        return totals
+    since = now - WEEK
+    end = func.coalesce(Allocation.released_at, Allocation.expires_at)
+    held = select(Allocation.user, Allocation.created_at, end).where(
+        Allocation.user.in_(wanted), end > since
+    )
+    for user, start, stop in session.execute(held):
+        totals[user] += (stop - max(start, since)).total_seconds() / 3600
+    r = Reservation
+    booked = select(r.user, r.start_at, r.end_at, r.count).where(
+        r.user.in_(wanted), r.state == BOOKED
+    )
+    for user, start, stop, count in session.execute(booked):
+        totals[user] += (stop - start).total_seconds() * count / 3600
+    return totals
 
 
 def summary(session: Session, settings: Settings, user: str, now: datetime) -> dict[str, object]:

@@ -7,6 +7,10 @@ then the line is served in queue.ordered's order. A request that does not fit no
 its type for the ones behind it, except a smaller one that ends before the moment the
 blocked one is sure to have its GPUs (backfill).
 
+A pass reads what it decides on once (scheduling_view.load: a fixed handful of queries
+however long the line), decides in memory, and opens a write transaction only for what
+is due and for each grant; a pass with nothing to do writes nothing.
+
 Every grant is one transaction: a conditional UPDATE of the request from `waiting` to
 `granted`, then the allocations through allocations._grant (lockout, maintenance,
 quotas, bookings, the unique index on active GPUs). Whoever runs a pass at the same time
@@ -22,7 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from gpulocker import allocations, capacity, events, inventory, queue
+from gpulocker import allocations, capacity, events, inventory, queue, scheduling_view
 from gpulocker.config import Settings
 from gpulocker.db import Database
 from gpulocker.errors import Forbidden, NotEnoughGPUs
@@ -280,61 +284,61 @@ def start_reservation(db: Database, settings: Settings, res_id: int, now: dateti
     return False
 
 
-def serve_queue(db: Database, settings: Settings, now: datetime) -> int:
-    """Grant what the line allows, in order, with backfill that never delays a blocked one."""
-    with db.session() as session:
-        line = queue.ordered(session, settings, now)
-        types = {r.gpu_type for r in line}
-        plans = {t: capacity.plans(session, t) for t in types}
-    blocked: dict[str, set[tuple[int, float]]] = {}
-    bounds: dict[str, dict[tuple[int, float], datetime | None]] = {}
+def serve_queue(
+    db: Database, settings: Settings, now: datetime, view: scheduling_view.PassView | None = None
+) -> int:
+    """Grant what the line allows, in order, with backfill that never delays a blocked one.
+
+    Decided on `view` (read once, scheduling_view.load), kept up to date in memory after
+    each grant; only the grants themselves touch the database."""
+    if view is None:
+        with db.session() as session:
+            view = scheduling_view.load(session, settings, now)
     granted = 0
-    most_free = {t: max((len(p.free_now) for p in plans[t].values()), default=0) for t in plans}
-    for row in line:
-        request_id, _user, gpu_type, count, hours, _created = row  # one tuple read, not six
-        host_plans = plans[gpu_type]
-        end = now + timedelta(hours=hours)
-        fits = count <= most_free[gpu_type] and any(
-            len(p.free_now) >= count and p.fits(now, end, count) for p in host_plans.values()
-        )
-        if not fits:
-            blocked.setdefault(gpu_type, set()).add((count, hours))
+    for row in view.line:
+        line = view.types.get(row.gpu_type)
+        if line is None:
+            continue  # no such type (any more): it waits, and blocks nothing
+        if not line.fits(row.count, row.hours):
+            line.block(row.count, row.hours)
             continue
-        ahead = blocked.get(gpu_type)
-        if ahead:
-            cache = bounds.setdefault(gpu_type, {})
-            for shape in ahead - cache.keys():
-                cache[shape] = capacity.sure_start(host_plans, now, *shape)
-            starts = [cache[s] for s in ahead if cache[s] is not None]
-            if starts and end > min(s for s in starts if s is not None):
-                continue  # granting it would delay a request ahead of it
-        if grant(db, settings, request_id):
+        if line.delays_blocked(row.hours):
+            continue  # granting it would delay a request ahead of it
+        why = view.refusal(db, settings, row)
+        if why is not None:
+            log.debug("request %s waits: %s", row.id, why)
+            continue
+        rows = grant(db, settings, row.id)
+        if rows:
             granted += 1
-            with db.session() as session:
-                plans[gpu_type] = capacity.plans(session, gpu_type)
-            most_free[gpu_type] = max(
-                (len(p.free_now) for p in plans[gpu_type].values()), default=0
-            )
-            bounds.pop(gpu_type, None)
+            view.granted(row, rows)
+            continue
+        with db.session() as session:  # refused after all: the picture was stale
+            fresh = scheduling_view.read_type(session, row.gpu_type, view.silent, now)
+        line.changed(fresh.plans)
+        if not line.fits(row.count, row.hours):
+            line.block(row.count, row.hours)  # it waits, and those behind must not delay it
     return granted
 
 
 def run_pass(db: Database, settings: Settings, now: datetime | None = None) -> PassResult:
-    """One whole scheduling pass (see the module docstring)."""
+    """One whole scheduling pass (see the module docstring). Reads once; opens a write
+    transaction only for what is due and for each grant."""
     now = now or utcnow()
     result = PassResult()
-    result.expired = queue.expire_due(db, settings, now)
-    result.reminded = remind_reservations(db, settings, now)
     with db.session() as session:
-        due = session.scalars(
-            select(Reservation.id)
-            .where(Reservation.state == BOOKED, Reservation.start_at <= now)
-            .order_by(Reservation.start_at)
-        ).all()
-    for res_id in due:
+        view = scheduling_view.load(session, settings, now)
+    if view.due:
+        result.expired = queue.expire_due(db, settings, now)
+    if view.to_remind:
+        result.reminded = remind_reservations(db, settings, now)
+    for res_id in view.to_start:
         if start_reservation(db, settings, res_id, now):
             result.started += 1
         else:
             result.failed += 1
-    result.granted = serve_queue(db, settings, now)
+    if view.to_start:  # allocations began and ended: read the picture again
+        with db.session() as session:
+            view = scheduling_view.load(session, settings, now)
+    result.granted = serve_queue(db, settings, now, view)
     return result

@@ -188,6 +188,25 @@ def test_aging_puts_a_long_wait_first(db: Database, settings: Settings) -> None:
     assert queue.get(db, settings, BOB, young.id).state == WAITING
 
 
+def test_aged_requests_go_first_each_by_fair_share(db: Database, settings: Settings) -> None:
+    """Aged requests go before every younger request that has not aged, but among
+    themselves by fair share: a heavy user's older request does not go before a light
+    user's that has aged too (oldest first would make a long line first come first
+    served)."""
+    _fill(db, settings, hours=30)
+    _past_usage(db, ALICE, 10, 50)
+    start = utcnow()
+    with time_machine.travel(start):
+        heavy = queue.submit(db, settings, ALICE, "4090", 1, 1)
+    with time_machine.travel(start + timedelta(hours=1)):
+        light = queue.submit(db, settings, BOB, "4090", 1, 1)
+    with time_machine.travel(start + timedelta(hours=13, minutes=30)):
+        fresh = queue.submit(db, settings, f"{BOB}x", "4090", 1, 1)
+        with db.session() as s:
+            places = queue.positions(s, settings, utcnow())
+    assert places == {light.id: 1, heavy.id: 2, fresh.id: 3}
+
+
 def test_backfill_only_when_it_ends_before_the_heads_sure_start(
     db: Database, settings: Settings
 ) -> None:

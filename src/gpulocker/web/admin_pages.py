@@ -11,12 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
-from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
 from gpulocker import allocations, events, inventory, lockouts, maintenance
 from gpulocker.errors import GPULockerError
-from gpulocker.models import ACTIVE, Allocation, Event
+from gpulocker.models import ACTIVE, Allocation
 from gpulocker.notify import admin_message
 from gpulocker.web.errors import status_for
 from gpulocker.web.forms import Page, RequestForm, int_arg, me, safe_next
@@ -204,7 +203,7 @@ def events_log() -> Page:
     before = int_arg("before")
     with get_ctx().db.session() as session:
         rows = events.query(session, **filters, before_id=before, limit=EVENTS_PAGE + 1)
-        kinds = sorted(session.scalars(select(Event.kind).distinct()))
+        kinds = events.kinds(session)
     more = len(rows) > EVENTS_PAGE
     rows = rows[:EVENTS_PAGE]
     query: dict[str, Any] = {k: args[k] for k in EVENT_FILTERS if args.get(k)}
