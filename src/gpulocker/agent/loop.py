@@ -88,6 +88,9 @@ class Agent:
             self.settings.gpu_config, self.backend.inventory()
         )
         self.samples: dict[int, GpuSample] = {}
+        self.sweep = holders.sweep_for(self.settings)  # descriptor holders (SPEC 13)
+        if getattr(self.backend, "sweeps_descriptors", False):
+            self.backend.sweep = self.sweep  # type: ignore[attr-defined]
         self.reaper = access.Reaper(self.settings.kill_grace_seconds)
         self.reconciler = Reconciler(ctx, self.host, self.gpus, self.reaper)
         self.waker: Waker | None = None  # set by run(): changes wake the loop (agent/wake.py)
@@ -236,7 +239,7 @@ class Agent:
         managed = self.devices
         samples = [s for s in self.backend.sample() if s.index in managed]
         sweep = not getattr(self.backend, "sweeps_descriptors", False)
-        holders.unite(samples, managed, self.settings, sweep=sweep)  # SPEC 13
+        holders.unite(samples, managed, self.settings, sweep=sweep, sweeper=self.sweep)
         self.samples = {s.index: s for s in samples}
         live.publish(self.ctx, self.host, samples)
         self.update_health(samples)
@@ -337,6 +340,7 @@ class Agent:
             "db_ok": self.db_ok,
             "reconciled_at": self.reconciled_at,
             "revoking": len(self.revoking),
+            "sweep_slices": self.sweep.slices,
         }
 
 
