@@ -4,9 +4,12 @@
 whenever it differs, and anyone can make it run; a 0.2 s stat poll leaves a window to open
 the GPU. A thread of the agent blocks on an inotify descriptor instead: an attribute change
 on a file (chmod, chown, setfacl) or a file created, moved or deleted in its folder (a
-re-created `/dev/nvidiaN`) wakes it and it reconciles at once (under the agent's
-reconcile lock, so it never races the loop's own reconcile or revokes). The periodic reconcile stays as the
-backstop; when inotify is not available (`open_watch` returns None) polling is all.
+re-created `/dev/nvidiaN`) wakes it and it restores the file at once from the plan the
+last reconcile applied (`Agent.restore`: no database read, only the reconciler's short
+files lock, so it never waits behind a revoke or a slow database; agent/reconcile.py says
+why that plan is never more open than the file should be). The periodic reconcile
+re-reads the database and stays as the backstop; when inotify is not available
+(`open_watch` returns None) polling is all.
 
 libc's inotify_init1 and inotify_add_watch through ctypes: no package, no polling. Files are watched with IN_DONT_FOLLOW: a symlink put where a device file was is
 watched as itself, never followed.
@@ -135,19 +138,17 @@ def open_watch(paths: list[str]) -> DeviceWatch | None:
 class Restorable(Protocol):
     """What `restore` needs of the agent (no import of the loop: no cycle)."""
 
-    watch_restores: int
-
     @property
     def devices(self) -> dict[int, str]: ...
 
-    def reconcile(self) -> bool: ...
+    def restore(self, paths: set[str]) -> bool: ...
 
 
 def restore(agent: Restorable, changed: set[str]) -> bool:
-    """A watched device file changed: reconcile now. True when a file was corrected."""
-    log.info("device file(s) changed: %s; reconciling", ", ".join(sorted(changed)))
-    agent.watch_restores += 1
-    return agent.reconcile()
+    """A watched device file changed: put it back now, from the plan the agent last
+    applied (no database read; the periodic reconcile re-reads). True when corrected."""
+    log.info("device file(s) changed: %s; restoring", ", ".join(sorted(changed)))
+    return agent.restore(changed)
 
 
 def start_thread(agent: Restorable, stop: threading.Event) -> threading.Thread | None:
