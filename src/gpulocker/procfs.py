@@ -7,6 +7,7 @@ that want exactly that."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import stat
@@ -178,9 +179,10 @@ class _Match:
 
 def _pids() -> list[int]:
     """Every process on the host but this one, in pid order."""
-    me = os.getpid()
-    with os.scandir("/proc") as entries:
-        return sorted(int(e.name) for e in entries if e.name.isdigit() and int(e.name) != me)
+    pids = sorted(map(int, filter(str.isdigit, os.listdir("/proc"))))
+    with contextlib.suppress(ValueError):
+        pids.remove(os.getpid())
+    return pids
 
 
 def _collect(pid: int, match: _Match, found: dict[str, list[OpenFileHolder]]) -> bool:

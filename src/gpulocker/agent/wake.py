@@ -235,7 +235,7 @@ class Waker:
 
 REAP_SECONDS = 1.0  # how often revokes in progress are polled while nothing wakes the agent
 BACKSTOP_SECONDS = 5.0  # the change check still runs this often, in case a wake was missed
-WAIT_SECONDS = 1.0  # the wake thread's longest sleep (a lost LISTEN is retried on time)
+WAIT_SECONDS = RECONNECT_SECONDS  # the wake thread's longest sleep (LISTEN retried on time)
 # A write seen on the SQLite log may become visible a moment later: look again this much
 # after the wake while the change token stands still.
 SECOND_LOOKS_SECONDS = (0.005, 0.05)

@@ -17,6 +17,7 @@ watched as itself, never followed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -46,7 +47,7 @@ IN_CLOEXEC = os.O_CLOEXEC
 FILE_MASK = IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF | IN_DONT_FOLLOW
 DIR_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW
 _HEADER = struct.Struct("iIII")
-WAKE_SECONDS = 0.5  # how often the blocked thread looks at the stop event
+WAKE_SECONDS = 60.0  # the blocked thread's longest sleep (a stop pokes it at once)
 
 
 class DeviceWatch:
@@ -59,6 +60,7 @@ class DeviceWatch:
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
         self.fd = fd
+        self._poke_r, self._poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.paths = list(paths)
         self.heard = 0
         self._files: dict[int, str] = {}  # watch descriptor -> managed path
@@ -87,8 +89,11 @@ class DeviceWatch:
 
     def wait(self, timeout: float) -> set[str]:
         """Block up to `timeout` seconds for a change; the managed paths that changed."""
-        ready, _, _ = select.select([self.fd], [], [], max(timeout, 0.0))
-        if not ready:
+        ready, _, _ = select.select([self.fd, self._poke_r], [], [], max(timeout, 0.0))
+        if self._poke_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._poke_r, 64)
+        if self.fd not in ready:
             return set()
         changed = self._read()
         self.heard += len(changed)
@@ -119,11 +124,20 @@ class DeviceWatch:
                         self._watch_file(path)  # the new inode
         return changed
 
+    def poke(self) -> None:
+        """Make a `wait` in progress return at once (to stop)."""
+        if self._poke_w >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._poke_w, b"x")
+
     def close(self) -> None:
         """Stop watching (closing the descriptor drops every watch)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            for end in (self._poke_r, self._poke_w):
+                os.close(end)
+            self._poke_r = self._poke_w = -1
 
 
 def open_watch(paths: list[str]) -> DeviceWatch | None:
@@ -160,6 +174,13 @@ def start_thread(agent: Restorable, stop: threading.Event) -> threading.Thread |
     if devices is None:
         return None
 
+    lock = threading.Lock()  # the poke never writes to a closed (reused) descriptor
+
+    def poke_on_stop() -> None:
+        stop.wait()
+        with lock:
+            devices.poke()
+
     def loop() -> None:
         try:
             while not stop.is_set():
@@ -171,8 +192,10 @@ def start_thread(agent: Restorable, stop: threading.Event) -> threading.Thread |
                 except Exception:
                     log.exception("restoring %s failed; the periodic reconcile retries", changed)
         finally:
-            devices.close()
+            with lock:
+                devices.close()
 
+    threading.Thread(target=poke_on_stop, daemon=True).start()
     thread = threading.Thread(target=loop, name="gpulocker-watch", daemon=True)
     thread.start()
     return thread
