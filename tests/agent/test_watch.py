@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -118,3 +119,31 @@ def test_a_restore_between_a_revoke_and_its_reconcile_leaves_it_to_the_reconcile
     running.gate.set()
     wait_for(lambda: named(path) == set(), timeout=5)
     assert mode(path) == "0660"
+
+
+def test_without_inotify_for_the_files_a_woken_agent_still_polls_them(
+    settings: Settings, db: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes still wake it (a waker), but the files are not watched: their stat poll
+    runs every 0.2 s again, not the 5 s backstop of the change check."""
+    from gpulocker.agent import watch
+
+    monkeypatch.setattr(watch, "open_watch", lambda paths: None)
+    ctx = Context(settings.with_overrides(reconcile_seconds=3600.0))
+    agent = Agent(ctx)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: agent.reconciled_at and agent.waker)
+        path = str(device_file(settings.device_path, 3))
+        for _ in range(3):
+            os.chmod(path, 0o666)  # noqa: S103
+            began = time.monotonic()
+            wait_for(lambda: mode(path) == "0660", timeout=5, interval=0.005)
+            assert time.monotonic() - began < 1.0
+        assert agent.watch_restores == 0
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        ctx.close()

@@ -41,7 +41,6 @@ from gpulocker.agent import access, holders, localapi, wake, watch
 from gpulocker.agent.health import GpuHealth
 from gpulocker.agent.reconcile import DB_ERRORS, Holding, Plan, Reconciler
 from gpulocker.agent.steps import AgentStep, FunctionStep, HeartbeatStep, StepView
-from gpulocker.agent.wake import Waker
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.gpus import GpuBackend, GpuSample, make_backend
@@ -99,7 +98,7 @@ class Agent:
             self.backend.sweep = self.sweep  # type: ignore[attr-defined]
         self.reaper = access.Reaper(self.settings.kill_grace_seconds)
         self.reconciler = Reconciler(ctx, self.host, self.gpus, self.reaper)
-        self.waker: Waker | None = None  # set by run(): changes wake the loop (agent/wake.py)
+        self.waker: wake.Waker | None = None  # set by run(): changes wake it (agent/wake.py)
         self.steps = steps if steps is not None else self.own_steps() + default_steps()
         self.registered = False
         self.started = False
@@ -110,6 +109,7 @@ class Agent:
         self._seen_token: tuple[int, int, int] | None = None
         self._changes = 0  # how often the token moved
         self._hearing = False  # a wake thread keeps the token fresh (`change_count`)
+        self._watching = False  # the watch thread hears the device files
         self._next_full = 0.0
         self.watch_restores = 0  # restores by the inotify watch (agent/watch.py)
         self.reconcile_lock = threading.RLock()  # the loop and the wake thread reconcile
@@ -123,8 +123,9 @@ class Agent:
         ]
 
     def _check_every(self, settings: Settings) -> float:
-        """The change check: every 0.2 s poll, or a 5 s backstop when changes wake us."""
-        return wake.backstop_seconds(settings) if self.waker else POLL_SECONDS
+        """The change check: a 5 s backstop while changes wake us and the watch hears the
+        device files; the 0.2 s poll otherwise (a touched file is seen by its stat)."""
+        return wake.backstop_seconds(settings) if self.waker and self._watching else POLL_SECONDS
 
     def _reap_every(self, settings: Settings) -> float:
         return wake.REAP_SECONDS if self.waker else POLL_SECONDS
@@ -203,7 +204,7 @@ class Agent:
         threads: list[threading.Thread] = []
         try:
             if self.waker is not None:
-                threads.append(_wake_on_stop(stop, self.waker))
+                threads.append(wake.poke_on_stop(stop, self.waker))
             if not self.started:
                 self._run_step(FunctionStep("start", lambda view: self.start(), _poll_every))
             if ready is not None:
@@ -211,6 +212,7 @@ class Agent:
             watcher = watch.start_thread(self, stop)  # restores a changed device file at once
             if watcher is not None:
                 threads.append(watcher)
+                self._watching = True
             if self.waker is not None:
                 threads.append(wake.start_thread(self, self.waker, stop))
                 self._hearing = True
@@ -218,7 +220,7 @@ class Agent:
                 self.tick()
                 stop.wait(self._sleep_seconds())
         finally:
-            self._hearing = False
+            self._hearing = self._watching = False
             stop.set()
             for thread in threads:
                 thread.join(timeout=5)
@@ -345,18 +347,6 @@ class Agent:
             "revoking": len(self.revoking),
             "sweep_slices": self.sweep.slices,
         }
-
-
-def _wake_on_stop(stop: threading.Event, waker: Waker) -> threading.Thread:
-    """A thread that wakes the wake thread when `stop` is set."""
-
-    def wait() -> None:
-        stop.wait()
-        waker.wake()
-
-    thread = threading.Thread(target=wait, daemon=True)
-    thread.start()
-    return thread
 
 
 def _sample_every(settings: Settings) -> float:

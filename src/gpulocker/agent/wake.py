@@ -300,6 +300,18 @@ def start(agent: Any) -> Waker | None:
     return waker
 
 
+def poke_on_stop(stop: threading.Event, waker: Waker) -> threading.Thread:
+    """A thread that wakes whoever waits in `waker` when `stop` is set."""
+
+    def wait() -> None:
+        stop.wait()
+        waker.wake()
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
+
+
 def start_thread(agent: Any, waker: Waker, stop: threading.Event) -> threading.Thread:
     """The thread that sleeps in `waker` and, as soon as a change is heard, has the agent
     look at the database (`agent.on_change()`: reconcile when it moved). Its own thread, so
