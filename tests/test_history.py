@@ -100,6 +100,27 @@ def test_it_prunes_rows_older_than_the_retention(ctx: Context, settings: Setting
     ctx.close()
 
 
+def test_the_step_prunes_once_an_hour_not_at_every_sample(ctx: Context, settings: Settings) -> None:
+    ctx = Context(settings.with_overrides(gpu_utilization_history_days=1.0))
+    agent = Agent(ctx)
+    agent.tick(force=True)  # the first run records and prunes
+    step = agent.step("history")
+    old = utcnow() - timedelta(days=3)
+    with time_machine.travel(old):
+        history.record(
+            ctx,
+            settings.gpu_host,
+            SimulatedBackend(settings.gpu_config, settings.device_path).sample(),
+        )
+    assert step.run(agent) is True  # it recorded, but the old rows stay (pruned < 1 h ago)
+    assert any(r.at < utcnow() - timedelta(days=2) for r in rows(ctx.db))
+    step._prune_at = 0.0  # type: ignore[attr-defined]  # an hour later
+    assert step.run(agent) is True
+    assert not any(r.at < utcnow() - timedelta(days=2) for r in rows(ctx.db))
+    agent.close()
+    ctx.close()
+
+
 def fill(db: Database, gpu_id: int, start: datetime, count: int, every: timedelta, util) -> None:
     with db.transaction() as s:
         s.execute(

@@ -15,6 +15,7 @@ costs one index range scan and sends at most MAX_POINTS rows to Python;
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -89,10 +90,14 @@ def prune(ctx: Context, host: str, gpu_ids: Iterable[int], now: datetime | None 
     return deleted
 
 
-def history_step(agent: HostView) -> bool:
-    """Agent step: record the newest samples and prune old rows. True if it wrote anything."""
+PRUNE_SECONDS = 3600.0  # the step prunes at most this often: the retention is in days
+
+
+def history_step(agent: HostView, prune_old: bool = True) -> bool:
+    """Agent step: record the newest samples and (`prune_old`) prune old rows. True if it
+    wrote anything."""
     written = record(agent.ctx, agent.host, list(agent.samples.values()))
-    pruned = prune(agent.ctx, agent.host, list(agent.samples))
+    pruned = prune(agent.ctx, agent.host, list(agent.samples)) if prune_old else 0
     if pruned:
         log.info(
             "pruned %d history rows older than %g days",
@@ -108,15 +113,23 @@ def history_every(settings: Settings) -> float:
 
 
 class HistoryStep:
-    """Agent step: store the newest readings every GPU_ACTIVITY_CHECK_MINUTES."""
+    """Agent step: store the newest readings every GPU_ACTIVITY_CHECK_MINUTES; prune rows
+    past the retention every PRUNE_SECONDS (one DELETE per GPU: not at every run)."""
 
     name = "history"
+
+    def __init__(self) -> None:
+        self._prune_at = 0.0
 
     def every(self, settings: Settings) -> float:
         return history_every(settings)
 
     def run(self, view: HostView) -> bool:
-        return history_step(view)
+        now = time.monotonic()
+        due = now >= self._prune_at
+        if due:
+            self._prune_at = now + PRUNE_SECONDS
+        return history_step(view, prune_old=due)
 
 
 # --- queries (charts)
