@@ -70,13 +70,23 @@ def spawn(count: int, files: list[int], extra: int | None = None) -> list[int]:
     return pids
 
 
+CPU: dict[int, list[float]] = {}  # id(times) -> the CPU milliseconds of the same calls
+
+
 def timed(call: object, samples: int) -> list[float]:
-    times = []
+    """Wall milliseconds of each call (their CPU milliseconds in CPU[id(result)])."""
+    times, cpu = [], []
     for _ in range(samples):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.thread_time()
         call()  # type: ignore[operator]
         times.append((time.perf_counter() - began) * 1000)
+        cpu.append((time.thread_time() - began_cpu) * 1000)
+    CPU[id(times)] = cpu
     return times
+
+
+def cpu_ms(times: list[float]) -> float:
+    return statistics.median(CPU[id(times)])
 
 
 def late_opener(path: Path) -> subprocess.Popen[bytes]:
@@ -148,13 +158,20 @@ def main() -> int:
                 os.waitpid(pid, 0)
     inc_ms, full_ms, bare_ms = (statistics.median(t) for t in (incremental, full, bare))
     bound = sweep.slices * period
-    print(f"descriptors on the host: {descriptors}")
+    print(f"descriptors on the host: {descriptors}; load average {os.getloadavg()[0]:.1f}")
     print(
-        f"agent sweep, per sample: median {inc_ms:.1f} ms, max {max(incremental):.1f} ms "
-        f"({statistics.median(looked):.0f} processes looked at; {sweep.slices} slices a round)"
+        f"agent sweep, per sample: median {inc_ms:.1f} ms, max {max(incremental):.1f} ms, "
+        f"CPU {cpu_ms(incremental):.1f} ms ({statistics.median(looked):.0f} processes "
+        f"looked at; {sweep.slices} slices a round)"
     )
-    print(f"full sweep (before; revoke): median {full_ms:.1f} ms, max {max(full):.1f} ms")
-    print(f"bare /proc listing (baseline): median {bare_ms:.1f} ms, max {max(bare):.1f} ms")
+    print(
+        f"full sweep (before; revoke): median {full_ms:.1f} ms, max {max(full):.1f} ms, "
+        f"CPU {cpu_ms(full):.1f} ms"
+    )
+    print(
+        f"bare /proc listing (baseline): median {bare_ms:.1f} ms, max {max(bare):.1f} ms, "
+        f"CPU {cpu_ms(bare):.1f} ms"
+    )
     print(
         f"ratios: agent sweep / bare listing {inc_ms / bare_ms:.2f}x, "
         f"full sweep / bare listing {full_ms / bare_ms:.2f}x, "
