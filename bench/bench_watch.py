@@ -5,8 +5,8 @@ times to a simulated GPU's file while an agent loops in a thread; each time the 
 times until the file reads 0660 again. Two agents in the same run:
 
 - watch: the agent as it runs (`Agent.run`, inotify on the files and DEVICE_DIR);
-- poll (baseline): the same agent with inotify unavailable, so only the 0.2 s stat poll
-  of the reconcile step notices.
+- poll (baseline): the same agent with inotify unavailable (no watch, no wake-ups), so
+  only the 0.2 s stat poll of the reconcile step notices, as before the watch.
 
 Target: every restore under 50 ms with the watch (p99 and max printed).
 
@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from gpulocker.agent import watch
+from gpulocker.agent import wake, watch
 from gpulocker.agent.loop import Agent
 from gpulocker.config import Settings
 from gpulocker.context import open_context
@@ -60,9 +60,10 @@ def chmod_loop(base: Path, rounds: int, use_watch: bool) -> list[float]:
     SimulatedBackend(settings.gpu_config, settings.device_path).inventory()
     agent = Agent(ctx)
     stop = threading.Event()
-    original = watch.open_watch
+    original, waker = watch.open_watch, wake.start
     if not use_watch:
         watch.open_watch = lambda paths: None  # type: ignore[assignment]
+        wake.start = lambda agent: None  # type: ignore[assignment]
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
     path = str(device_file(settings.device_path, 1))
@@ -85,7 +86,7 @@ def chmod_loop(base: Path, rounds: int, use_watch: bool) -> list[float]:
     finally:
         stop.set()
         thread.join(timeout=10)
-        watch.open_watch = original
+        watch.open_watch, wake.start = original, waker
         ctx.close()
     return times
 

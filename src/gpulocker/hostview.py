@@ -21,3 +21,10 @@ class HostView(Protocol):
     settings: Settings
     host: str
     samples: dict[int, GpuSample]
+
+    def change_count(self) -> int | None:
+        """How often the agent saw the database change (a new event or outbox message),
+        while it keeps this fresh (it hears commits at once and checks every 5 s anyway);
+        None when it does not, and a step that wants to know must read for itself. A step
+        may skip its own read while the count stands still."""
+        ...

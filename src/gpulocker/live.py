@@ -13,10 +13,10 @@ import logging
 import math
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from redis.exceptions import RedisError
-from sqlalchemy import delete, select
+from sqlalchemy import Table, bindparam, delete, insert, select, update
 
 from gpulocker.context import Context
 from gpulocker.gpus import GpuSample
@@ -50,23 +50,27 @@ def publish(ctx: Context, host: str, samples: Sequence[GpuSample]) -> None:
                 log.warning("could not publish live samples to Redis: %s", exc)
         return
     now = utcnow()
+    table = cast(Table, LiveStatus.__table__)
+    params = [{"h": h, "g": g, "b_at": now, "b_data": data} for (h, g), data in rows.items()]
+    # Core statements, not ORM objects: this runs every sample, idle or not (SPEC §10).
     with ctx.db.transaction() as session:
-        existing = {
-            (r.host, r.gpu_id): r
-            for r in session.scalars(select(LiveStatus).where(LiveStatus.host == host))
-        }
-        for (h, gpu_id), data in rows.items():
-            row = existing.pop((h, gpu_id), None)
-            if row is None:
-                session.add(LiveStatus(host=h, gpu_id=gpu_id, at=now, data=data))
-            else:
-                row.at, row.data = now, data
-        for gone in existing.values():
+        stored = set(
+            session.execute(select(LiveStatus.gpu_id).where(LiveStatus.host == host)).scalars()
+        )
+        if fresh := [p for p in params if p["g"] in stored]:
             session.execute(
-                delete(LiveStatus).where(
-                    LiveStatus.host == gone.host, LiveStatus.gpu_id == gone.gpu_id
-                )
+                update(table)
+                .where(table.c.host == bindparam("h"), table.c.gpu_id == bindparam("g"))
+                .values(at=bindparam("b_at"), data=bindparam("b_data")),
+                fresh,
             )
+        if new := [p for p in params if p["g"] not in stored]:
+            session.execute(
+                insert(table),
+                [{"host": p["h"], "gpu_id": p["g"], "at": now, "data": p["b_data"]} for p in new],
+            )
+        if gone := stored - {g for _h, g in rows}:
+            session.execute(delete(table).where(table.c.host == host, table.c.gpu_id.in_(gone)))
 
 
 def read(ctx: Context) -> dict[Key, dict[str, Any]]:

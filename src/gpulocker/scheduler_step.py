@@ -1,7 +1,8 @@
 """The scheduler as a step of the agent: one pass at a time across hosts, woken by change.
 
-Every agent runs this step each second, but a pass runs only when there is something to
-do: a new event (every release, expiry, grant, booking and queued request records one,
+Every agent runs this step each second (reading the newest event id only when the agent
+saw the database change, `HostView.change_count`), but a pass runs only when there is
+something to do: a new event (every release, expiry, grant, booking and queued request records one,
 on any host), or the next moment a booking starts, a holder must be reminded of one, or
 a wait runs out, or at the latest SCHEDULER_IDLE_SECONDS after the last pass. The lease
 `scheduler` makes one process the scheduler at a time; if it dies another agent takes
@@ -34,6 +35,7 @@ class Wake:
 
     token: int | None = None
     due: datetime | None = None
+    heard: int | None = None  # the agent's change count when the token was read
 
 
 _WAKE: dict[int, Wake] = {}
@@ -74,8 +76,12 @@ def scheduler_step(agent: HostView) -> bool:
     db, settings = agent.ctx.db, agent.settings
     wake = _WAKE.setdefault(id(agent), Wake())
     now = utcnow()
+    heard = agent.change_count()
+    if heard is not None and heard == wake.heard and wake.due is not None and now < wake.due:
+        return False  # the agent saw no new event since the last read: no read needed
     with db.session() as session:
         token = session.scalar(select(func.max(Event.id)))
+    wake.heard = heard
     if token == wake.token and wake.due is not None and now < wake.due:
         return False
     if not lease.acquire(db, LEASE, LEASE_SECONDS):

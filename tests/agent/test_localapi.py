@@ -12,6 +12,8 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -317,9 +319,8 @@ def test_the_agent_serves_the_socket_and_a_grant_waits_for_access(
     _agent, stop, thread = start_in_thread(ctx)
     try:
         wait_for(path.is_socket, timeout=10)
-        wait_for(lambda: call_as(users[ALICE], path, "me").get("result"), timeout=10)
-        with ctx.db.transaction() as s:  # the first heartbeat may not have been written yet
-            heartbeat.beat(s, heartbeat.agent_name(settings.gpu_host))
+        with ctx.db.session() as s:  # served only once the agent beat and reconciled
+            assert heartbeat.age_seconds(s, heartbeat.agent_name(settings.gpu_host)) is not None
         answer = call_as(
             users[ALICE], path, "allocations.request", gpu_type="4090", count=1, hours=1
         )["result"]
@@ -331,6 +332,38 @@ def test_the_agent_serves_the_socket_and_a_grant_waits_for_access(
         stop.set()
         thread.join(timeout=30)
     assert not path.exists()  # the socket goes with the agent
+
+
+def test_the_socket_is_served_only_once_the_agent_enforces(
+    ctx: Context, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request over the socket waits for the agent to apply access, which means nothing
+    before the agent's first reconcile and heartbeat: the socket appears after them."""
+    from gpulocker.agent.loop import Agent, start_in_thread
+
+    started = threading.Event()
+    first = Agent.start
+
+    def slow_start(agent: Agent) -> bool:
+        started.set()
+        time.sleep(1.0)  # a first reconcile on a loaded host
+        return first(agent)
+
+    monkeypatch.setattr(Agent, "start", slow_start)
+    path = settings.local_socket_path
+    agent, stop, thread = start_in_thread(ctx)
+    try:
+        wait_for(started.is_set, timeout=10)
+        time.sleep(0.5)
+        assert not path.exists()  # still starting
+        wait_for(path.is_socket, timeout=10)
+        assert agent.reconciled_at is not None
+        with ctx.db.session() as s:
+            assert heartbeat.age_seconds(s, heartbeat.agent_name(settings.gpu_host)) is not None
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not path.exists()
 
 
 def test_one_user_cannot_take_every_connection(

@@ -4,6 +4,7 @@ the periodic checks set far apart, on SQLite (inotify on the log) and PostgreSQL
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -13,6 +14,7 @@ import pytest
 from gpulocker import allocations, changes, events
 from gpulocker.agent import access
 from gpulocker.agent.loop import Agent, start_in_thread
+from gpulocker.agent.steps import FunctionStep
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.gpus.simulated import device_file
@@ -87,3 +89,47 @@ def test_postgres_announces_a_change_only_when_it_commits(ctx: Context) -> None:
             events.record(session, "test", "root", "kept too", host="gpu-x")
         notes = list(listener.notifies(timeout=2, stop_after=1))
         assert [(n.channel, n.payload) for n in notes] == [(changes.CHANNEL, "gpu-x")]
+
+
+def test_a_grant_reaches_the_file_while_the_loop_is_busy(
+    slow_settings: Settings, db: object, users: dict[str, TestUser]
+) -> None:
+    """The wake thread reconciles on its own: a step that takes seconds (a sample on a
+    busy host) does not delay a grant."""
+    busy = threading.Event()
+
+    def slow_step(_view: object) -> bool:
+        busy.set()
+        time.sleep(3)
+        return False
+
+    ctx = Context(slow_settings)
+    agent = Agent(ctx, steps=[FunctionStep("slow", slow_step, lambda settings: 0.0)])
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: busy.is_set() and agent.waker, timeout=10)
+        path = str(device_file(slow_settings.device_path, 0))
+        time.sleep(0.1)  # well inside the slow step
+        began = time.monotonic()
+        allocations.request(ctx.db, slow_settings, ALICE, "4090", gpu_ids=[0])
+        wait_for(lambda: ALICE in _holders(path), timeout=2, interval=0.005)
+        assert time.monotonic() - began < 1.0  # the step still has seconds to go
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        ctx.close()
+    assert not thread.is_alive()
+
+
+def test_the_change_count_moves_with_the_database_while_the_agent_hears_it(
+    woken: Agent, slow_settings: Settings, users: dict[str, TestUser]
+) -> None:
+    count = woken.change_count()
+    assert count is not None
+    allocations.request(woken.ctx.db, slow_settings, ALICE, "4090", gpu_ids=[1])
+    wait_for(lambda: (woken.change_count() or 0) > count, timeout=2, interval=0.005)
+    idle = Agent(woken.ctx, steps=[])
+    assert idle.change_count() is None  # not running: a step reads the database itself
+    idle.close()

@@ -7,6 +7,12 @@ a managed GPU's. So a process that only holds `/dev/nvidiaN` open -- no CUDA con
 opened through a bind mount, a hard link or a descriptor handed down -- is a holder too.
 Revoke and the violation check both read holders from here.
 
+The agent samples with a `procfs.DescriptorSweep` (`sweep_for`): each sample looks at the
+processes that are new since the last one, those that held a managed GPU at their last
+look, and a slice of the rest, so a descriptor-only holder is found within one round of
+`slices` samples (at least SWEEP_ROUND_SECONDS of them) and a new one at the next sample;
+NVML's own lists are read whole every sample. Revoke (`holding`) sweeps every process.
+
 IGNORED_PROCESSES matches are marked `ignored`: still shown, never punished, never
 counted as anyone's activity.
 """
@@ -20,15 +26,26 @@ from gpulocker.config import Settings
 from gpulocker.gpus import GpuProcess, GpuSample
 
 
+def sweep_for(settings: Settings) -> procfs.DescriptorSweep:
+    """The agent's sweep: a round spans at least SWEEP_ROUND_SECONDS of samples."""
+    period = max(settings.gpus_status_refresh_rate_seconds, 1e-3)
+    return procfs.DescriptorSweep(min_slices=max(1, int(procfs.SWEEP_ROUND_SECONDS // period)))
+
+
 def unite(
     samples: list[GpuSample],
     devices: dict[int, str],
     settings: Settings,
     sweep: bool = True,
+    sweeper: procfs.DescriptorSweep | None = None,
 ) -> list[GpuSample]:
     """Add descriptor holders missing from each sample and mark the ignored processes.
-    `sweep` False when the backend's list already is the descriptor sweep (simulated)."""
-    held = procfs.holders_by_device(devices.values()) if sweep else {}
+    `sweep` False when the backend's list already is the descriptor sweep (simulated);
+    `sweeper` the agent's incremental sweep (None: one full sweep)."""
+    held: dict[str, list[procfs.OpenFileHolder]] = {}
+    if sweep:
+        paths = devices.values()
+        held = sweeper.sweep(paths) if sweeper else procfs.holders_by_device(paths)
     rules = ignored.parse(settings.ignored_processes)
     for sample in samples:
         path = devices.get(sample.index)

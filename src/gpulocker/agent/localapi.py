@@ -261,11 +261,19 @@ def start_quietly(ctx: Context) -> Server | None:
         return None
 
 
-def serve_while(ctx: Context, run: Callable[[], None]) -> None:
-    """Serve the local socket while `run()` runs (the agent's loop), then close it."""
-    server = start_quietly(ctx)
+def serve_while(ctx: Context, run: Callable[[Callable[[], None]], None]) -> None:
+    """Serve the local socket while `run(ready)` runs (the agent's loop), from the moment
+    it calls `ready()` (the agent enforces: a grant asked for over the socket finds it
+    reconciling and alive), then close it."""
+    server: Server | None = None
+
+    def ready() -> None:
+        nonlocal server
+        if server is None:
+            server = start_quietly(ctx)
+
     try:
-        run()
+        run(ready)
     finally:
         if server is not None:
             server.close()

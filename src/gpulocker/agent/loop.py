@@ -7,12 +7,20 @@ contract is `agent/steps.py`). What reconcile does is `agent/reconcile.py`.
 
 Reconcile runs every RECONCILE_SECONDS, and at once when the events table changes (every
 grant and release records an event) or a device file's inode change time moves (chmod,
-setfacl, a re-created file): `run` sleeps in `agent/wake.py`, which a committed change
-(pg_notify / inotify on SQLite's log) or a touched device file wakes; the change check
-then runs every 5 s only as a backstop. Without a waker (tests calling `tick()`, inotify
-missing) it is the 0.2 s poll.
-A device file's change is also heard by the watch thread (inotify, `agent/watch.py`),
-which reconciles at once under `reconcile_lock` while the loop may be busy sampling.
+setfacl, a re-created file). Three threads, so that nothing urgent waits behind a slow
+step (a sample on a busy host):
+
+- the loop (`run`): the steps, each at its period;
+- the wake thread (`agent/wake.py`): a committed change (pg_notify / inotify on SQLite's
+  log) wakes it and it reconciles at once (`on_change`); the loop's change check then
+  runs every 5 s only as a backstop. Without a waker (tests calling `tick()`, inotify
+  missing) the loop's check is the 0.2 s poll;
+- the watch thread (`agent/watch.py`): a changed device file is put back at once from
+  the plan the last reconcile applied (`restore`), without the database.
+
+Reconciles (loop, wake thread) hold `reconcile_lock`; restores only the reconciler's short
+`files_lock`. The local socket is served (`run(stop, ready)`) once the first reconcile and
+heartbeat are done, so a request over it finds the agent enforcing.
 
 Embedding (`gpulocker serve`): `agent, stop, thread = start_in_thread(ctx)` runs the agent
 in a daemon thread; `stop.set(); thread.join()` ends it.
@@ -25,26 +33,23 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import func, select
-
-from gpulocker import events, inventory, live
+from gpulocker import inventory, live
 from gpulocker.agent import access, holders, localapi, wake, watch
+from gpulocker.agent.health import GpuHealth
 from gpulocker.agent.reconcile import DB_ERRORS, Holding, Plan, Reconciler
 from gpulocker.agent.steps import AgentStep, FunctionStep, HeartbeatStep, StepView
-from gpulocker.agent.wake import Waker
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.gpus import GpuBackend, GpuSample, make_backend
 from gpulocker.inventory import TypedGpu
-from gpulocker.models import Event
-from gpulocker.notify import notify
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # how often the change counter is read and the reaper polled
-EVENT_WINDOW = 64  # events that may still commit out of id order (see _change_token)
+SLACK_SECONDS = 0.05  # steps due this close together run in the same tick
 
 
 def default_steps() -> list[AgentStep]:
@@ -90,20 +95,26 @@ class Agent:
             self.settings.gpu_config, self.backend.inventory()
         )
         self.samples: dict[int, GpuSample] = {}
+        self.sweep = holders.sweep_for(self.settings)  # descriptor holders (SPEC 13)
+        if getattr(self.backend, "sweeps_descriptors", False):
+            self.backend.sweep = self.sweep  # type: ignore[attr-defined]
         self.reaper = access.Reaper(self.settings.kill_grace_seconds)
         self.reconciler = Reconciler(ctx, self.host, self.gpus, self.reaper)
-        self.waker: Waker | None = None  # set by run(): changes wake the loop (agent/wake.py)
+        self.waker: wake.Waker | None = None  # set by run(): changes wake it (agent/wake.py)
         self.steps = steps if steps is not None else self.own_steps() + default_steps()
         self.registered = False
         self.started = False
         self.last_tick_ms = 0.0
-        self._health: dict[int, tuple[bool, str | None]] = {}
+        self.health = GpuHealth(ctx, self.host)
         self._due: dict[str, float] = {}
-        self._seen_token: tuple[int, int] | None = None
-        self._event_floor = 0
+        self.token = wake.ChangeToken(ctx.db)
+        self._seen_token: tuple[int, int, int] | None = None
+        self._changes = 0  # how often the token moved
+        self._hearing = False  # a wake thread keeps the token fresh (`change_count`)
+        self._watching = False  # the watch thread hears the device files
         self._next_full = 0.0
-        self.watch_restores = 0  # reconciles started by the inotify watch (agent/watch.py)
-        self.reconcile_lock = threading.RLock()  # the loop and the watch thread reconcile
+        self.watch_restores = 0  # restores by the inotify watch (agent/watch.py)
+        self.reconcile_lock = threading.RLock()  # the loop and the wake thread reconcile
 
     def own_steps(self) -> list[AgentStep]:
         """The loop's own steps: read the GPUs, reconcile when due, finish revokes."""
@@ -114,8 +125,9 @@ class Agent:
         ]
 
     def _check_every(self, settings: Settings) -> float:
-        """The change check: every 0.2 s poll, or a 5 s backstop when changes wake us."""
-        return wake.backstop_seconds(settings) if self.waker else POLL_SECONDS
+        """The change check: a 5 s backstop while changes wake us and the watch hears the
+        device files; the 0.2 s poll otherwise (a touched file is seen by its stat)."""
+        return wake.backstop_seconds(settings) if self.waker and self._watching else POLL_SECONDS
 
     def _reap_every(self, settings: Settings) -> float:
         return wake.REAP_SECONDS if self.waker else POLL_SECONDS
@@ -151,12 +163,13 @@ class Agent:
     # --- the loop
 
     def start(self) -> bool:
-        """First thing: put this host's GPUs in the inventory and restore the right access.
-        True when a file had to be corrected."""
+        """First thing: put this host's GPUs in the inventory, restore the right access and
+        say the agent is alive. True when a file had to be corrected."""
         self.started = True
         self.register()
         changed = self.reconcile()
         self._next_full = time.monotonic() + self.settings.reconcile_seconds
+        self._run_step(HeartbeatStep())  # a request served from now on may wait for access
         return changed
 
     def tick(self, force: bool = False) -> dict[str, bool]:
@@ -165,11 +178,13 @@ class Agent:
             self._run_step(FunctionStep("start", lambda view: self.start(), _poll_every))
         began = time.monotonic()
         results = {}
-        for step in self.steps:
-            if not force and self._due.get(step.name, 0.0) > began:
+        for step in self.steps:  # a step due within SLACK runs now: fewer, fuller wake-ups
+            if not force and self._due.get(step.name, 0.0) > began + SLACK_SECONDS:
                 continue
             results[step.name] = self._run_step(step)
-            self._due[step.name] = time.monotonic() + step.every(self.settings)
+            # From this tick's start, so steps of related periods stay in step.
+            every, now = step.every(self.settings), time.monotonic()
+            self._due[step.name] = began + every if began + every > now else now + every
         self.last_tick_ms = (time.monotonic() - began) * 1000
         return results
 
@@ -181,43 +196,49 @@ class Agent:
             log.exception("agent step %s failed; the loop goes on", step.name)
             return False
 
-    def run(self, stop: threading.Event) -> None:
-        """Tick until `stop` is set (SIGTERM sets it in `gpulocker agent`)."""
+    def run(self, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
+        """Tick until `stop` is set (SIGTERM sets it in `gpulocker agent`). `ready` is called
+        once the agent enforces (first reconcile and heartbeat done): the local socket."""
         log.info(
             "agent on %s: %d GPU(s) managed (%s)", self.host, len(self.gpus), self.backend.name
         )
-        self.waker = wake.start(self)
-        if self.waker is not None:
-            threading.Thread(target=_wake_on_stop, args=(stop, self.waker), daemon=True).start()
-        watcher = watch.start_thread(self, stop)  # restores a changed device file at once
+        self.waker = wake.start(self)  # listening before the first reconcile: nothing missed
+        threads: list[threading.Thread] = []
         try:
+            if self.waker is not None:
+                threads.append(wake.poke_on_stop(stop, self.waker))
+            if not self.started:
+                self._run_step(FunctionStep("start", lambda view: self.start(), _poll_every))
+            if ready is not None:
+                ready()
+            watcher = watch.start_thread(self, stop)  # restores a changed device file at once
+            if watcher is not None:
+                threads.append(watcher)
+                self._watching = True
+            if self.waker is not None:
+                threads.append(wake.start_thread(self, self.waker, stop))
+                self._hearing = True
             while not stop.is_set():
                 self.tick()
-                if self.waker is None:
-                    stop.wait(self._sleep_seconds())
-                else:
-                    wake.sleep(self, stop)
+                stop.wait(self._sleep_seconds())
         finally:
-            if watcher is not None:
-                watcher.join(timeout=5)
+            self._hearing = self._watching = False
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=5)
             self.close()
             log.info("agent on %s stopped", self.host)
 
     def _sleep_seconds(self) -> float:
-        if not self._due:
-            return POLL_SECONDS
-        wait = min(self._due.values()) - time.monotonic()
-        return min(max(wait, 0.01), POLL_SECONDS)
+        """Until the next step is due; at most the 0.2 s poll while nothing wakes us."""
+        wait = self.seconds_to_next_step() if self._due else POLL_SECONDS
+        return min(max(wait, 0.01), POLL_SECONDS if self.waker is None else 3600.0)
 
     def seconds_to_next_step(self) -> float:
         """How long until a step is due (for a sleep that a change may cut short)."""
         if not self._due:
             return 0.0
         return max(min(self._due.values()) - time.monotonic(), 0.0)
-
-    def run_soon(self, step: str, delay: float = 0.0) -> None:
-        """Make step `step` due within `delay` seconds (a change woke the agent)."""
-        self._due[step] = min(self._due.get(step, 0.0), time.monotonic() + delay)
 
     def close(self) -> None:
         """Release the GPU backend. Processes still being ended are ended again after a
@@ -227,6 +248,8 @@ class Agent:
         if self.waker is not None:
             self.waker.close()
             self.waker = None
+        with self.reconcile_lock:
+            self.token.close()
         self.backend.close()
 
     # --- sampling
@@ -238,10 +261,10 @@ class Agent:
         managed = self.devices
         samples = [s for s in self.backend.sample() if s.index in managed]
         sweep = not getattr(self.backend, "sweeps_descriptors", False)
-        holders.unite(samples, managed, self.settings, sweep=sweep)  # SPEC 13
+        holders.unite(samples, managed, self.settings, sweep=sweep, sweeper=self.sweep)
         self.samples = {s.index: s for s in samples}
         live.publish(self.ctx, self.host, samples)
-        self.update_health(samples)
+        self.health.update(samples)
         return bool(samples)
 
     # --- inventory and health
@@ -257,65 +280,50 @@ class Agent:
         self.registered = True
         return True
 
-    def update_health(self, samples: list[GpuSample]) -> bool:
-        """Record GPUs that turned unhealthy or recovered; tell the admins once per change."""
-        changed = [
-            s for s in samples if self._health.get(s.index) != (s.ok, None if s.ok else s.error)
-        ]
-        if not changed:
-            return False
-        with self.ctx.db.transaction() as session:
-            for sample in changed:
-                error = None if sample.ok else sample.error
-                if inventory.set_health(session, self.host, sample.index, sample.ok, error):
-                    self._record_health(session, sample)
-        for sample in changed:
-            self._health[sample.index] = (sample.ok, None if sample.ok else sample.error)
-        return True
-
-    def _record_health(self, session: Any, sample: GpuSample) -> None:
-        state = "healthy again" if sample.ok else f"unhealthy: {sample.error}"
-        message = f"GPU {sample.index} on {self.host} is {state}"
-        kind = "gpu_healthy" if sample.ok else "gpu_unhealthy"
-        events.record(session, kind, "agent", message, host=self.host, gpu_id=sample.index)
-        if not sample.ok:
-            notify(session, self.settings, kind, message, admins=True)
-
     # --- reconcile: when (here) and what (agent/reconcile.py)
 
     def reconcile_if_due(self) -> bool:
         """Reconcile when something changed in the database or on a device file, or when
-        RECONCILE_SECONDS passed."""
-        now = time.monotonic()
-        token = self._change_token()
-        changed = token is not None and token != self._seen_token
-        if not changed and not self.reconciler.files_touched() and now < self._next_full:
-            return False
-        if token is not None:
-            self._seen_token = token
-        self._next_full = now + self.settings.reconcile_seconds
-        return self.reconcile()
+        RECONCILE_SECONDS passed. What the watch's restores corrected is recorded first."""
+        with self.reconcile_lock:
+            self.reconciler.write_reports()
+            now = time.monotonic()
+            before = self._seen_token
+            token = self.token.read()
+            if token is not None and token != before:
+                self._seen_token = token
+                self._changes += 1
+            moved = token is not None and (before is None or token[:2] != before[:2])
+            if not moved and not self.reconciler.files_touched() and now < self._next_full:
+                return False
+            self._next_full = now + self.settings.reconcile_seconds
+            return self.reconciler.reconcile()
 
-    def _change_token(self) -> tuple[int, int] | None:
-        """The newest event id and how many events lie above a floor a little below it.
+    def on_change(self) -> bool:
+        """A change may have been committed (the wake thread heard one): look, and reconcile
+        if the database moved. True when it had."""
+        with self.reconcile_lock:
+            before = self._changes
+            self.reconcile_if_due()
+            return self._changes != before
 
-        The newest id alone can miss a change on PostgreSQL: ids come from a sequence, so a
-        transaction holding a lower id can commit after one holding a higher id. Counting
-        the events above the floor sees such a late commit too. Two index range reads.
-        """
-        try:
-            with self.ctx.db.session() as session:
-                newest, count = session.execute(
-                    select(func.max(Event.id), func.count(Event.id)).where(
-                        Event.id > self._event_floor
-                    )
-                ).one()
-        except DB_ERRORS:
-            return None
-        newest = newest or self._event_floor
-        if newest - self._event_floor > 4 * EVENT_WINDOW:  # keep the counted range short
-            self._event_floor = newest - EVENT_WINDOW
-        return newest, count
+    def change_count(self) -> int | None:
+        """How often the database was seen to change (events, outbox), while a wake thread
+        keeps this fresh; None when nobody does and a step must read the database itself."""
+        return self._changes if self._hearing else None
+
+    def restore(self, paths: set[str]) -> bool:
+        """Device files changed (the watch thread): put them back at once from the plan the
+        last reconcile applied, without the database (agent/reconcile.py says why that is
+        safe); the wake thread records the drift. True when a file was rewritten."""
+        self.watch_restores += 1
+        if self.reconciled_at is None:  # no plan yet
+            return self.reconcile()
+        changed = self.reconciler.restore(paths)
+        waker = self.waker
+        if waker is not None:
+            waker.wake()  # the drift events are written off this thread
+        return changed
 
     def reconcile(self) -> bool:
         """Make every managed device file say what the database says (a full pass)."""
@@ -339,12 +347,8 @@ class Agent:
             "db_ok": self.db_ok,
             "reconciled_at": self.reconciled_at,
             "revoking": len(self.revoking),
+            "sweep_slices": self.sweep.slices,
         }
-
-
-def _wake_on_stop(stop: threading.Event, waker: Waker) -> None:
-    stop.wait()
-    waker.wake()
 
 
 def _sample_every(settings: Settings) -> float:
@@ -365,7 +369,7 @@ def start_in_thread(ctx: Context) -> tuple[Agent, threading.Event, threading.Thr
     # The local socket (terminal commands) is served while the agent runs.
     thread = threading.Thread(
         target=localapi.serve_while,
-        args=(ctx, lambda: agent.run(stop)),
+        args=(ctx, lambda ready: agent.run(stop, ready)),
         name="gpulocker-agent",
         daemon=True,
     )
@@ -384,4 +388,4 @@ def serve_forever(ctx: Context) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     agent = Agent(ctx)
-    localapi.serve_while(ctx, lambda: agent.run(stop))  # the local socket, while the agent runs
+    localapi.serve_while(ctx, lambda ready: agent.run(stop, ready))  # the socket, while it runs

@@ -11,13 +11,23 @@ read the last known state is kept; nobody is revoked because a read failed.
 
 When to reconcile (database changes, touched files, RECONCILE_SECONDS) is the loop's
 business (`agent/loop.py`); `files_touched()` is what it asks this module.
+
+`restore(paths)` is the watch thread's (`agent/watch.py`): a device file changed behind the
+agent's back, and it is put back at once to the plan the last reconcile applied, without
+reading the database. That plan is never more open than the files should be: a change
+in the database reaches the files only through a reconcile, which replaces the plan and
+rewrites the files under the same `files_lock`, so the plan in memory is exactly what the
+agent last wrote. A revoke committed but not yet reconciled is still on the file too
+(restoring cannot re-open anything already closed), and the reconcile its commit wakes
+closes it. Reconciles themselves must not overlap (the agent's `reconcile_lock`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import select, update
@@ -53,6 +63,15 @@ class Plan:
     active: dict[int, list[Holding]]  # gpu_id -> active allocations
     ending: dict[int, list[Holding]]  # gpu_id -> ended allocations whose access is not removed
 
+    def with_applied(self, ids: set[int]) -> Plan:
+        """This plan once the allocations `ids` are on the files (for restores: a missing
+        entry of theirs is drift)."""
+        active = {
+            gpu: [replace(h, applied=True) if h.allocation_id in ids else h for h in held]
+            for gpu, held in self.active.items()
+        }
+        return Plan(active, self.ending)
+
 
 @dataclass
 class Report:
@@ -83,32 +102,65 @@ class Reconciler:
         self.drift_limiter = DriftLimiter()
         self._fingerprints: dict[str, tuple[int, ...] | None] = {}
         self._unknown_users: set[str] = set()
+        self._standing: set[int] = set()  # standing_uids() at the last reconcile
+        # Held while the plan is replaced and the files written, and by `restore`: short
+        # (no database, no process sweep), so the watch never waits behind a revoke.
+        self.files_lock = threading.Lock()
+        self._unwritten: list[Report] = []  # what restores did, for the next write
 
     def files_touched(self) -> bool:
         """True when a device file changed since the last reconcile left it: a chmod, a
         setfacl or a re-created file all change its inode change time. One stat per file,
         so drift is undone within the 0.2 s poll rather than RECONCILE_SECONDS."""
-        return any(_fingerprint(path) != seen for path, seen in self._fingerprints.items())
+        seen = list(self._fingerprints.items())  # the watch thread may add one meanwhile
+        return any(_fingerprint(path) != last for path, last in seen)
 
     def reconcile(self) -> bool:
         """Make every managed device file say what the database says. True if it changed
         a file or started a revoke."""
         plan = self.read_plan()
-        if plan is not None:
-            self.plan = plan
-        report = Report()
         standing = self.standing_uids()
-        for gpu in self.gpus:
-            try:
-                self._reconcile_gpu(gpu, self.plan, standing, report)
-            except Exception:
-                log.exception("reconcile of GPU %s failed; the others go on", gpu.info.index)
-                # Retried every RECONCILE_SECONDS, not at every poll.
-                self._fingerprints[gpu.info.device] = _fingerprint(gpu.info.device)
-        self._write_report(report)
+        report = Report()
+        revokes: list[tuple[Holding, str, set[int]]] = []
+        with self.files_lock:
+            if plan is not None:
+                self.plan = plan
+            self._standing = standing
+            for gpu in self.gpus:
+                self._reconcile_one(gpu, report, revokes)
+            if self.plan is not None and report.applied:  # on the files now
+                self.plan = self.plan.with_applied(set(report.applied))
+        for holding, path, want in revokes:  # the entry is gone: now end the processes
+            report.revokes += self._start_revoke(holding, path, want)
+        self.write_reports(report)
         self.finish_revokes()
         self.reconciled_at = utcnow().isoformat()
         return bool(report.changed_files or report.revokes or report.applied)
+
+    def restore(self, paths: set[str]) -> bool:
+        """Put the changed device files among `paths` back to the plan the last reconcile
+        applied, at once and without the database (see the module docstring). What was
+        corrected is recorded by the next `write_reports`. True when a file was rewritten.
+        Before the first reconcile (no plan) it does what a reconcile without the database
+        does: close the file to strangers, keep the named entries."""
+        report = Report()
+        with self.files_lock:
+            for gpu in self.gpus:
+                if gpu.info.device in paths:
+                    self._reconcile_one(gpu, report, None)
+            report.applied.clear()  # the reconcile that read the plan marks those
+            self._unwritten.append(report)
+        return bool(report.changed_files)
+
+    def _reconcile_one(
+        self, gpu: TypedGpu, report: Report, revokes: list[tuple[Holding, str, set[int]]] | None
+    ) -> None:
+        try:
+            self._reconcile_gpu(gpu, self.plan, self._standing, report, revokes)
+        except Exception:
+            log.exception("reconcile of GPU %s failed; the others go on", gpu.info.index)
+            # Retried every RECONCILE_SECONDS, not at every poll.
+            self._fingerprints[gpu.info.device] = _fingerprint(gpu.info.device)
 
     def read_plan(self) -> Plan | None:
         """The desired state, or None when the database cannot be read."""
@@ -143,7 +195,12 @@ class Reconciler:
         return {u for u in uids if u is not None and u != 0}
 
     def _reconcile_gpu(
-        self, gpu: TypedGpu, plan: Plan | None, standing: set[int], report: Report
+        self,
+        gpu: TypedGpu,
+        plan: Plan | None,
+        standing: set[int],
+        report: Report,
+        revokes: list[tuple[Holding, str, set[int]]] | None,
     ) -> None:
         index, path = gpu.info.index, gpu.info.device
         try:
@@ -170,8 +227,8 @@ class Reconciler:
         self._baselined.add(path)
         self._fingerprints[path] = _fingerprint(path)
         report.applied += [h.allocation_id for h in holders.values() if not h.applied]
-        for holding in ending:
-            report.revokes += self._start_revoke(holding, path, want)
+        if revokes is not None:
+            revokes += [(holding, path, want) for holding in ending]
 
     def _holder_uids(self, holdings: list[Holding]) -> dict[int, Holding]:
         found = {}
@@ -262,10 +319,29 @@ class Reconciler:
             data={"pids": pids},
         )
 
+    def write_reports(self, report: Report | None = None) -> None:
+        """Record `report` and what restores did since the last call (one transaction)."""
+        with self.files_lock:
+            reports, self._unwritten = self._unwritten, []
+        if report is not None:
+            reports.append(report)
+        merged = Report()
+        by_file: dict[tuple[str, int, str], list[str]] = {}
+        for each in reports:  # several restores of one file: one record of every change
+            for kind, index, path, changes in each.drift:
+                listed = by_file.setdefault((kind, index, path), [])
+                listed += [c for c in changes if c not in listed]
+            merged.applied += each.applied
+        merged.drift = [(kind, index, path, c) for (kind, index, path), c in by_file.items()]
+        self._write_report(merged)
+
     def _write_report(self, report: Report) -> None:
-        drift = []  # at most one record per file per minute; every correction is done anyway
+        # At most one record per file and kind of change per minute (a chmod loop is one
+        # kind; someone's setfacl another, recorded in its own right); every correction is
+        # done anyway.
+        drift = []
         for kind, index, path, changes in report.drift:
-            coalesced = self.drift_limiter.admit(f"{kind} {path}")
+            coalesced = self.drift_limiter.admit(f"{kind} {path}: {'; '.join(changes)}")
             if coalesced is not None:
                 log.warning("%s on %s (GPU %s): %s", kind, path, index, "; ".join(changes))
                 drift.append((kind, index, path, changes, coalesced))

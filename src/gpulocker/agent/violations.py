@@ -145,6 +145,8 @@ class ViolationsStep:
 
     def run(self, view: StepView) -> bool:
         _forget_gone(self.punished)
+        if not any(not p.ignored for s in view.samples.values() for p in s.processes):
+            return False  # nobody on any GPU: nothing to ask the database about
         with view.ctx.db.session() as session:
             allowed = allowed_users(session, view.host)
         fresh = [

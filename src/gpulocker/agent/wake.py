@@ -8,8 +8,10 @@
   without waiting for the loop.
 
 `wait(timeout)` blocks in one `select` on all of these (and a pipe `wake()` writes to,
-used to stop), so an idle agent sleeps. Whatever fails here only costs latency: the
-caller still runs its change check and reconcile on their periods.
+used to stop and by the watch thread), so an idle agent sleeps. The agent waits in its
+own thread (`start_thread`), which reads the `ChangeToken` when woken and reconciles if
+the database moved; the loop's slower steps never delay it. Whatever fails here only
+costs latency: the loop still runs its change check and reconcile on their periods.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from gpulocker.changes import CHANNEL
+from gpulocker.models import Event, OutboxMessage
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ class Waker:
         self._pg_fd = -1
         self._pg_retry_at = 0.0
         self.sources: list[str] = []
-        self.second_look = False
+        self.heard_others = False  # notifications of other hosts' changes since last asked
         self._closed = False
         self._lock = threading.Lock()
         try:
@@ -208,7 +213,9 @@ class Waker:
             except psycopg.Error:
                 self._drop_pg()
                 return True
-        return any(n.payload in ("", self.host) for n in notes)
+        mine = any(n.payload in ("", self.host) for n in notes)
+        self.heard_others |= bool(notes) and not mine
+        return mine
 
     def close(self) -> None:
         """Release the connection, the inotify and the pipe (safe to call twice)."""
@@ -228,12 +235,58 @@ class Waker:
 
 REAP_SECONDS = 1.0  # how often revokes in progress are polled while nothing wakes the agent
 BACKSTOP_SECONDS = 5.0  # the change check still runs this often, in case a wake was missed
-SECOND_LOOK_SECONDS = 0.05  # a write seen on the SQLite log may become visible a moment later
+WAIT_SECONDS = RECONNECT_SECONDS  # the wake thread's longest sleep (LISTEN retried on time)
+# A write seen on the SQLite log may become visible a moment later: look again this much
+# after the wake while the change token stands still.
+SECOND_LOOKS_SECONDS = (0.005, 0.05)
+EVENT_WINDOW = 64  # events that may still commit out of id order (see ChangeToken)
 
 
 def backstop_seconds(settings: Any) -> float:
     """The change check's period when changes wake the agent."""
     return min(BACKSTOP_SECONDS, settings.reconcile_seconds)
+
+
+class ChangeToken:
+    """What moves when the database changes: the newest event id, how many events lie above
+    a floor a little below it, and the newest outbox message id.
+
+    The newest id alone can miss a change on PostgreSQL: ids come from a sequence, so a
+    transaction holding a lower id can commit after one holding a higher id. Counting
+    the events above the floor sees such a late commit too. Read on a connection of its
+    own, kept open (no pool checkout, no ping: a fraction of a millisecond), dropped and
+    opened again after an error. Not thread-safe: the agent reads it under its lock.
+    """
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self._conn: Any = None
+        self.floor = 0
+
+    def read(self) -> tuple[int, int, int] | None:
+        """The token now, or None when the database cannot be read."""
+        outbox = select(func.max(OutboxMessage.id)).scalar_subquery()
+        stmt = select(func.max(Event.id), func.count(Event.id), outbox).where(Event.id > self.floor)
+        try:
+            if self._conn is None:
+                self._conn = self._db.engine.connect()
+            newest, count, message = self._conn.execute(stmt).one()
+            self._conn.rollback()  # hold no snapshot between reads
+        except (SQLAlchemyError, OSError) as exc:
+            log.debug("change token unreadable: %s", exc)
+            self.close()
+            return None
+        newest = newest or self.floor
+        if newest - self.floor > 4 * EVENT_WINDOW:  # keep the counted range short
+            self.floor = newest - EVENT_WINDOW
+        return newest, count, message or 0
+
+    def close(self) -> None:
+        """Give the connection back (safe to call twice)."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
 
 
 def start(agent: Any) -> Waker | None:
@@ -247,18 +300,50 @@ def start(agent: Any) -> Waker | None:
     return waker
 
 
-def sleep(agent: Any, stop: Any) -> None:
-    """Sleep until the next step is due or a change wakes the agent (then reconcile next)."""
-    waker: Waker = agent.waker
-    if waker.second_look:
-        waker.second_look = False
-        agent.run_soon("reconcile", SECOND_LOOK_SECONDS)
-    try:
-        woken = waker.wait(agent.seconds_to_next_step())
-    except Exception:  # the wake-ups only save latency: never let them stop the agent
-        log.exception("waiting for changes failed; polling until the next step")
-        stop.wait(min(agent.seconds_to_next_step(), BACKSTOP_SECONDS))
-        woken = True
-    if woken and not stop.is_set():
-        agent.run_soon("reconcile")
-        waker.second_look = "sqlite-inotify" in waker.sources
+def poke_on_stop(stop: threading.Event, waker: Waker) -> threading.Thread:
+    """A thread that wakes whoever waits in `waker` when `stop` is set."""
+
+    def wait() -> None:
+        stop.wait()
+        waker.wake()
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
+
+
+def start_thread(agent: Any, waker: Waker, stop: threading.Event) -> threading.Thread:
+    """The thread that sleeps in `waker` and, as soon as a change is heard, has the agent
+    look at the database (`agent.on_change()`: reconcile when it moved). Its own thread, so
+    a grant never waits behind the loop's slower steps (a sample on a busy host)."""
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                woken = waker.wait(WAIT_SECONDS)
+            except Exception:  # the wake-ups only save latency: never let them stop the agent
+                log.exception("waiting for changes failed; trying again shortly")
+                stop.wait(WAIT_SECONDS)
+                woken = True
+            if stop.is_set():
+                return
+            try:
+                if woken:
+                    _look(agent, waker, stop)
+                elif waker.heard_others:  # other hosts' changes: the shared steps care
+                    waker.heard_others = False
+                    agent.on_change()
+            except Exception:
+                log.exception("reacting to a change failed; the backstop check retries")
+
+    thread = threading.Thread(target=loop, name="gpulocker-wake", daemon=True)
+    thread.start()
+    return thread
+
+
+def _look(agent: Any, waker: Waker, stop: threading.Event) -> None:
+    if agent.on_change() or "sqlite-inotify" not in waker.sources:
+        return
+    for delay in SECOND_LOOKS_SECONDS:  # the commit may not be visible yet
+        if stop.wait(delay) or agent.on_change():
+            return

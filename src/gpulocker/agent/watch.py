@@ -4,9 +4,12 @@
 whenever it differs, and anyone can make it run; a 0.2 s stat poll leaves a window to open
 the GPU. A thread of the agent blocks on an inotify descriptor instead: an attribute change
 on a file (chmod, chown, setfacl) or a file created, moved or deleted in its folder (a
-re-created `/dev/nvidiaN`) wakes it and it reconciles at once (under the agent's
-reconcile lock, so it never races the loop's own reconcile or revokes). The periodic reconcile stays as the
-backstop; when inotify is not available (`open_watch` returns None) polling is all.
+re-created `/dev/nvidiaN`) wakes it and it restores the file at once from the plan the
+last reconcile applied (`Agent.restore`: no database read, only the reconciler's short
+files lock, so it never waits behind a revoke or a slow database; agent/reconcile.py says
+why that plan is never more open than the file should be). The periodic reconcile
+re-reads the database and stays as the backstop; when inotify is not available
+(`open_watch` returns None) polling is all.
 
 libc's inotify_init1 and inotify_add_watch through ctypes: no package, no polling. Files are watched with IN_DONT_FOLLOW: a symlink put where a device file was is
 watched as itself, never followed.
@@ -14,6 +17,7 @@ watched as itself, never followed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -43,7 +47,7 @@ IN_CLOEXEC = os.O_CLOEXEC
 FILE_MASK = IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF | IN_DONT_FOLLOW
 DIR_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ONLYDIR | IN_DONT_FOLLOW
 _HEADER = struct.Struct("iIII")
-WAKE_SECONDS = 0.5  # how often the blocked thread looks at the stop event
+WAKE_SECONDS = 60.0  # the blocked thread's longest sleep (a stop pokes it at once)
 
 
 class DeviceWatch:
@@ -56,6 +60,7 @@ class DeviceWatch:
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
         self.fd = fd
+        self._poke_r, self._poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.paths = list(paths)
         self.heard = 0
         self._files: dict[int, str] = {}  # watch descriptor -> managed path
@@ -84,8 +89,11 @@ class DeviceWatch:
 
     def wait(self, timeout: float) -> set[str]:
         """Block up to `timeout` seconds for a change; the managed paths that changed."""
-        ready, _, _ = select.select([self.fd], [], [], max(timeout, 0.0))
-        if not ready:
+        ready, _, _ = select.select([self.fd, self._poke_r], [], [], max(timeout, 0.0))
+        if self._poke_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._poke_r, 64)
+        if self.fd not in ready:
             return set()
         changed = self._read()
         self.heard += len(changed)
@@ -116,11 +124,20 @@ class DeviceWatch:
                         self._watch_file(path)  # the new inode
         return changed
 
+    def poke(self) -> None:
+        """Make a `wait` in progress return at once (to stop)."""
+        if self._poke_w >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._poke_w, b"x")
+
     def close(self) -> None:
         """Stop watching (closing the descriptor drops every watch)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            for end in (self._poke_r, self._poke_w):
+                os.close(end)
+            self._poke_r = self._poke_w = -1
 
 
 def open_watch(paths: list[str]) -> DeviceWatch | None:
@@ -135,19 +152,17 @@ def open_watch(paths: list[str]) -> DeviceWatch | None:
 class Restorable(Protocol):
     """What `restore` needs of the agent (no import of the loop: no cycle)."""
 
-    watch_restores: int
-
     @property
     def devices(self) -> dict[int, str]: ...
 
-    def reconcile(self) -> bool: ...
+    def restore(self, paths: set[str]) -> bool: ...
 
 
 def restore(agent: Restorable, changed: set[str]) -> bool:
-    """A watched device file changed: reconcile now. True when a file was corrected."""
-    log.info("device file(s) changed: %s; reconciling", ", ".join(sorted(changed)))
-    agent.watch_restores += 1
-    return agent.reconcile()
+    """A watched device file changed: put it back now, from the plan the agent last
+    applied (no database read; the periodic reconcile re-reads). True when corrected."""
+    log.info("device file(s) changed: %s; restoring", ", ".join(sorted(changed)))
+    return agent.restore(changed)
 
 
 def start_thread(agent: Restorable, stop: threading.Event) -> threading.Thread | None:
@@ -158,6 +173,13 @@ def start_thread(agent: Restorable, stop: threading.Event) -> threading.Thread |
     devices = open_watch(list(agent.devices.values()))
     if devices is None:
         return None
+
+    lock = threading.Lock()  # the poke never writes to a closed (reused) descriptor
+
+    def poke_on_stop() -> None:
+        stop.wait()
+        with lock:
+            devices.poke()
 
     def loop() -> None:
         try:
@@ -170,8 +192,10 @@ def start_thread(agent: Restorable, stop: threading.Event) -> threading.Thread |
                 except Exception:
                     log.exception("restoring %s failed; the periodic reconcile retries", changed)
         finally:
-            devices.close()
+            with lock:
+                devices.close()
 
+    threading.Thread(target=poke_on_stop, daemon=True).start()
     thread = threading.Thread(target=loop, name="gpulocker-watch", daemon=True)
     thread.start()
     return thread

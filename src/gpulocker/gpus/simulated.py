@@ -86,7 +86,7 @@ class SimulatedBackend:
     """GPUs from GPU_CONFIG (type -> ids), as files under DEVICE_DIR."""
 
     name = "simulated"
-    sweeps_descriptors = True  # its processes already are the descriptor sweep
+    sweeps_descriptors = True  # its processes already are the descriptor sweep (`sweep`)
 
     def __init__(
         self, gpu_config: dict[str, list[int]], device_dir: Path, host: str | None = None
@@ -100,6 +100,8 @@ class SimulatedBackend:
         self.device_dir = Path(device_dir)
         self.host = host or socket.gethostname()
         self.types = {gpu_id: t for t, ids in gpu_config.items() for gpu_id in ids}
+        # Whole by default; the agent hands in its own, incremental one (agent/holders.py).
+        self.sweep = procfs.DescriptorSweep()
 
     def inventory(self) -> list[GpuInfo]:
         """One GPU per configured id; the device files are created if missing."""
@@ -124,7 +126,7 @@ class SimulatedBackend:
         """Read every load file and find the processes holding each device file."""
         now = utcnow()
         gpus = self.inventory()
-        held = procfs.holders_by_device(g.device for g in gpus)
+        held = self.sweep.sweep(g.device for g in gpus)
         return [self._sample_one(g, held.get(g.device, []), now) for g in gpus]
 
     def _sample_one(

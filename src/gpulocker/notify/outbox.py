@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -262,19 +263,32 @@ def _deliver_quietly(ctx: Context) -> None:
         log.exception("outbox delivery pass failed")
 
 
+RECHECK_SECONDS = 5.0  # retries (15 s backoff and up) are looked for at least this often
+
+
 class OutboxStep:
     """Agent step: start a delivery pass in the background (its own worker) when messages
-    are due, so a slow channel never stalls the loop. Looked for every second."""
+    are due, so a slow channel never stalls the loop. Looked for every second, or, while
+    the agent counts the database's changes (`HostView.change_count`: a new message is
+    one), when that count moved and every RECHECK_SECONDS for retries coming due."""
 
     name = "outbox"
 
     def __init__(self) -> None:
         self.worker = Worker("outbox")
+        self._heard: int | None = None
+        self._recheck_at = 0.0
 
     def every(self, settings: Settings) -> float:
         return 1.0
 
     def run(self, view: HostView) -> bool:
-        if self.worker.busy or not has_due(view.ctx.db):
+        if self.worker.busy:
+            return False
+        heard, now = view.change_count(), time.monotonic()
+        if heard is not None and heard == self._heard and now < self._recheck_at:
+            return False
+        self._heard, self._recheck_at = heard, now + RECHECK_SECONDS
+        if not has_due(view.ctx.db):
             return False
         return self.worker.start(_deliver_quietly, view.ctx)
