@@ -78,6 +78,30 @@ def test_it_does_not_record_a_stale_reading(ctx: Context, settings: Settings) ->
     assert history.record(ctx, HOST, samples) == 6
 
 
+def test_installs_on_other_redis_databases_do_not_hear_each_other(
+    redis_ctx: Context, settings: Settings
+) -> None:
+    # Pub/sub channels are the Redis server's, not a database's: a second install on
+    # another database of the same server must not wake this one's live pages.
+    from redis import Redis
+
+    assert redis_ctx.redis is not None
+    db = redis_ctx.redis.connection_pool.connection_kwargs["db"]
+    other = Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + f"/{(db % 15) + 1}")
+    try:
+        assert live.channel(other) != live.channel(redis_ctx.redis)
+        updates = live.Updates(redis_ctx)
+        try:
+            other.publish(live.channel(other), "elsewhere")
+            assert updates.wait(0.3) is False
+            Agent(redis_ctx).tick(force=True)
+            assert updates.wait(5) is True
+        finally:
+            updates.close()
+    finally:
+        other.close()
+
+
 def fill(db: Database, gpu_id: int, start: datetime, count: int, every: timedelta, util) -> None:
     with db.transaction() as s:
         s.execute(
@@ -144,7 +168,7 @@ def test_live_samples_go_through_redis_with_an_announcement(
 ) -> None:
     assert redis_ctx.redis is not None
     pubsub = redis_ctx.redis.pubsub()
-    pubsub.subscribe(live.REDIS_CHANNEL)
+    pubsub.subscribe(live.channel(redis_ctx.redis))
     assert pubsub.get_message(timeout=2)["type"] == "subscribe"  # type: ignore[index]
     write_load(settings.device_path, 5, utilization=12, memory_mib=345)
     Agent(redis_ctx).tick(force=True)

@@ -23,7 +23,7 @@ from gpulocker.gpus import GpuSample
 from gpulocker.models import LiveStatus, utcnow
 
 REDIS_KEY = "gpulocker:live"
-REDIS_CHANNEL = "gpulocker:live:updates"
+REDIS_CHANNEL = "gpulocker:live:updates"  # and the database number: see channel()
 
 Key = tuple[str, int]
 log = logging.getLogger(__name__)
@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 # The fields of a sample a reader relies on, and the types each may have (None = unknown).
 _NUMBERS = ("utilization", "memory_used_mib", "memory_total_mib", "temperature_c", "power_w")
 _MAX_HOST = 255
+
+
+def channel(redis: Any) -> str:
+    """The channel of the database `redis` uses. Keys live in a Redis database but pub/sub
+    channels are the server's: two installs (or test runs) on one Redis server, each on
+    its own database, would wake each other's pages on one channel name."""
+    return f"{REDIS_CHANNEL}:{redis.connection_pool.connection_kwargs.get('db', 0)}"
 
 
 def publish(ctx: Context, host: str, samples: Sequence[GpuSample]) -> None:
@@ -44,7 +51,7 @@ def publish(ctx: Context, host: str, samples: Sequence[GpuSample]) -> None:
             try:
                 pipe = ctx.redis.pipeline()
                 pipe.hset(REDIS_KEY, mapping=mapping)
-                pipe.publish(REDIS_CHANNEL, host)
+                pipe.publish(channel(ctx.redis), host)
                 pipe.execute()
             except RedisError as exc:  # a cache that is down stops nothing
                 log.warning("could not publish live samples to Redis: %s", exc)
@@ -161,7 +168,7 @@ def _process(entry: Any) -> bool:
 class Updates:
     """Waits for the next publish, for live pages (server-sent events, long polls).
 
-    With Redis it listens on REDIS_CHANNEL (no database reads at all); without Redis it
+    With Redis it listens on the database's channel (no database reads at all); without Redis it
     looks at the newest `live_status` time a few times a second (one small query).
     """
 
@@ -173,7 +180,7 @@ class Updates:
         self._last: Any = None
         if ctx.redis is not None:
             self._pubsub = ctx.redis.pubsub(ignore_subscribe_messages=True)
-            self._pubsub.subscribe(REDIS_CHANNEL)
+            self._pubsub.subscribe(channel(ctx.redis))
         else:
             self._last = self._newest()
 
