@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from gpulocker.config import Settings
@@ -19,12 +19,17 @@ def agent_name(host: str) -> str:
 
 
 def beat(session: Session, name: str, data: dict[str, Any] | None = None) -> None:
-    """Record that `name` is alive now (with optional details, e.g. the last tick time)."""
-    row = session.get(Heartbeat, name)
-    if row is None:
-        session.add(Heartbeat(name=name, at=utcnow(), data=data))
-    else:
-        row.at, row.data = utcnow(), data
+    """Record that `name` is alive now (with optional details, e.g. the last tick time).
+    One UPDATE when it beat before (an agent does this every few seconds, idle or not)."""
+    now = utcnow()
+    done = session.execute(
+        update(Heartbeat)
+        .where(Heartbeat.name == name)
+        .values(at=now, data=data)
+        .execution_options(synchronize_session=False)
+    )
+    if not done.rowcount:  # type: ignore[attr-defined]
+        session.add(Heartbeat(name=name, at=now, data=data))
 
 
 def last(session: Session, name: str) -> Heartbeat | None:

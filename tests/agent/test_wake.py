@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from sqlalchemy import select
 
 from gpulocker import allocations, changes, events
 from gpulocker.agent import access
@@ -18,6 +19,7 @@ from gpulocker.agent.steps import FunctionStep
 from gpulocker.config import Settings
 from gpulocker.context import Context
 from gpulocker.gpus.simulated import device_file
+from gpulocker.models import Event
 from tests.conftest import needs_root
 from tests.helpers import ALICE, BOB, TestUser, wait_for
 
@@ -133,3 +135,28 @@ def test_the_change_count_moves_with_the_database_while_the_agent_hears_it(
     idle = Agent(woken.ctx, steps=[])
     assert idle.change_count() is None  # not running: a step reads the database itself
     idle.close()
+
+
+def test_the_sqlite_commit_mark_moves_with_a_commit_and_not_with_a_read(
+    slow_settings: Settings, db: object, users: dict[str, TestUser]
+) -> None:
+    from gpulocker.agent.wake import Waker
+
+    if not slow_settings.database_url.startswith("sqlite"):
+        pytest.skip("the mark is SQLite's wal-index header")
+    ctx = Context(slow_settings)
+    waker = Waker(slow_settings.database_url, slow_settings.gpu_host)
+    try:
+        with ctx.db.transaction() as session:  # the log and its index exist from here on
+            events.record(session, "test", "root", "first")
+        mark = waker.commit_mark()
+        assert mark is not None
+        with ctx.db.session() as session:
+            session.execute(select(Event.id)).all()
+        assert waker.commit_mark() == mark
+        with ctx.db.transaction() as session:
+            events.record(session, "test", "root", "second")
+        assert waker.commit_mark() != mark
+    finally:
+        waker.close()
+        ctx.close()

@@ -94,6 +94,8 @@ class Waker:
         self._inotify: _Inotify | None = None
         self._db_watch: int | None = None
         self._db_names: set[str] = set()
+        self._shm: str | None = None
+        self.last_mark: bytes | None = None  # `commit_mark()` at the wake thread's last look
         self._pg: Any = None
         self._pg_fd = -1
         self._pg_retry_at = 0.0
@@ -124,6 +126,7 @@ class Waker:
             log.warning("cannot watch %s (%s); changes wait for the poll", path.parent, exc)
             return
         self._db_names = {path.name, f"{path.name}-wal"}
+        self._shm = f"{path}-shm"
         self.sources.append("sqlite-inotify")
 
     def _connect_pg(self) -> None:
@@ -156,6 +159,22 @@ class Waker:
             log.debug("closing the LISTEN connection: %s", exc)
         self._pg = None
         self._pg_retry_at = time.monotonic() + RECONNECT_SECONDS
+
+    def commit_mark(self) -> bytes | None:
+        """SQLite's wal-index header (the first 48 bytes of the `-shm` file, documented in
+        SQLite's WAL format): a committing writer updates it last, after its frames are in
+        the log, and a reader's snapshot starts from it. So it changes exactly when a commit
+        becomes visible. None without SQLite or when it cannot be read."""
+        if self._shm is None:
+            return None
+        try:
+            fd = os.open(self._shm, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                return os.pread(fd, 48, 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            return None
 
     # --- waiting
 
@@ -236,8 +255,9 @@ class Waker:
 REAP_SECONDS = 1.0  # how often revokes in progress are polled while nothing wakes the agent
 BACKSTOP_SECONDS = 5.0  # the change check still runs this often, in case a wake was missed
 WAIT_SECONDS = RECONNECT_SECONDS  # the wake thread's longest sleep (LISTEN retried on time)
-# A write seen on the SQLite log may become visible a moment later: look again this much
-# after the wake while the change token stands still.
+# A write seen on the SQLite log becomes visible when it commits: wait up to this for it
+# (`Waker.commit_mark`), or, where the mark cannot be read, look again this much later.
+COMMIT_WAIT_SECONDS = 0.2
 SECOND_LOOKS_SECONDS = (0.005, 0.05)
 EVENT_WINDOW = 64  # events that may still commit out of id order (see ChangeToken)
 
@@ -318,6 +338,7 @@ def start_thread(agent: Any, waker: Waker, stop: threading.Event) -> threading.T
     a grant never waits behind the loop's slower steps (a sample on a busy host)."""
 
     def loop() -> None:
+        waker.last_mark = waker.commit_mark()  # the agent has just reconciled
         while not stop.is_set():
             try:
                 woken = waker.wait(WAIT_SECONDS)
@@ -342,8 +363,23 @@ def start_thread(agent: Any, waker: Waker, stop: threading.Event) -> threading.T
 
 
 def _look(agent: Any, waker: Waker, stop: threading.Event) -> None:
+    """Look at the database for the change that woke us. On SQLite the write heard on the
+    log may not be committed yet: when the commit mark has not moved since our last look,
+    watch it (every millisecond, for up to COMMIT_WAIT_SECONDS) and look again once it
+    moves; without a mark, look again after SECOND_LOOKS_SECONDS."""
+    mark = waker.commit_mark()
     if agent.on_change() or "sqlite-inotify" not in waker.sources:
+        waker.last_mark = mark
         return
-    for delay in SECOND_LOOKS_SECONDS:  # the commit may not be visible yet
-        if stop.wait(delay) or agent.on_change():
-            return
+    if mark is None:
+        for delay in SECOND_LOOKS_SECONDS:
+            if stop.wait(delay) or agent.on_change():
+                return
+        return
+    if mark == waker.last_mark:  # nothing committed since the last look: wait for it
+        deadline = time.monotonic() + COMMIT_WAIT_SECONDS
+        while waker.commit_mark() == mark and time.monotonic() < deadline:
+            if stop.wait(0.001):
+                return
+        agent.on_change()
+    waker.last_mark = waker.commit_mark()

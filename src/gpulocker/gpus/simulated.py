@@ -66,19 +66,27 @@ def ensure_device_file(path: Path) -> bool:
 
     As root: the folder must be root's and writable by nobody else, and the file is created
     with O_EXCL|O_NOFOLLOW and chmodded through its fd, so a planted (even dangling) symlink
-    is refused rather than followed (SPEC §12).
+    is refused rather than followed (SPEC §12). It is made under a temporary name and
+    linked into place, so it appears with its mode at once, as a driver's `mknod` does
+    (the agent's watch may look at it the moment it appears).
     """
     make_root_dir(path.parent, 0o755, "DEVICE_DIR")
-    try:
-        fd = safefs.open_nofollow(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except FileExistsError:
+    if path.exists() or path.is_symlink():
         fd = safefs.open_regular(path)  # refuses a symlink or a file of the wrong type
         os.close(fd)
         return False
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    fd = safefs.open_nofollow(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     try:
         os.fchmod(fd, 0o666)  # as the driver does; the umask must not narrow it
+        os.link(temp, path, follow_symlinks=False)  # fails if something took the name
+    except FileExistsError:
+        fd2 = safefs.open_regular(path)
+        os.close(fd2)
+        return False
     finally:
         os.close(fd)
+        os.unlink(temp)
     return True
 
 
