@@ -39,12 +39,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from sqlalchemy import event
 
 from gpulocker import allocations, procfs
 from gpulocker.agent import access, wake
@@ -230,21 +231,55 @@ def step_cpu(agent: Agent, runs: int = 5) -> dict[str, float]:
     return {name: statistics.median(values) * 1000 for name, values in spent.items()}
 
 
-def idle_share(ctx: Context, seconds: float) -> float:
-    """Percent of a core an agent that starts and then has nothing to do uses."""
+@dataclass
+class Idle:
+    """One idle agent: share of a core (percent), and per minute the database statements it
+    ran and the loop's ticks (counts do not depend on how busy the machine is)."""
+
+    share: float
+    statements: float
+    ticks: float
+
+
+def idle_share(ctx: Context, seconds: float) -> Idle:
+    """What an agent that starts and then has nothing to do costs."""
     agent = Agent(ctx)
     agent.tick(force=True)
     time.sleep(0.5)
-    return loop_cpu_share(agent, seconds)
+    counts = {"statements": 0, "ticks": 0}
+
+    def statement(*_args: object) -> None:
+        counts["statements"] += 1
+
+    tick = agent.tick
+
+    def counted_tick(force: bool = False) -> dict[str, bool]:
+        counts["ticks"] += 1
+        return tick(force)
+
+    agent.tick = counted_tick  # type: ignore[method-assign]
+    event.listen(ctx.db.engine, "before_cursor_execute", statement)
+    try:
+        share = loop_cpu_share(
+            agent, seconds, on_start=lambda: counts.update(statements=0, ticks=0)
+        )
+    finally:
+        event.remove(ctx.db.engine, "before_cursor_execute", statement)
+    per_minute = 60.0 / seconds
+    return Idle(share, counts["statements"] * per_minute, counts["ticks"] * per_minute)
 
 
-def loop_cpu_share(agent: Agent, seconds: float = 10.0) -> float:
+def loop_cpu_share(
+    agent: Agent, seconds: float = 10.0, on_start: Callable[[], None] | None = None
+) -> float:
     """Percent of one core the agent's own loop uses when nothing changes (from a second
     after it started: its start-up, such as connecting to LISTEN, is not idling)."""
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
     time.sleep(1.0)
+    if on_start is not None:
+        on_start()
     began_cpu, began = time.process_time(), time.perf_counter()
     time.sleep(seconds)
     share = 100 * (time.process_time() - began_cpu) / (time.perf_counter() - began)
@@ -253,8 +288,8 @@ def loop_cpu_share(agent: Agent, seconds: float = 10.0) -> float:
     return share
 
 
-def idle_round(kind: str, refresh: float, label: str, args: argparse.Namespace) -> float:
-    """One idle agent's share of a core, on a fresh database (`label`: woken or polling)."""
+def idle_round(kind: str, refresh: float, label: str, args: argparse.Namespace) -> Idle:
+    """One idle agent, on a fresh database (`label`: woken or polling)."""
     with (
         tempfile.TemporaryDirectory(prefix="glbench-") as tmp,
         database(kind, Path(tmp), args.postgres) as url,
@@ -321,16 +356,26 @@ def main() -> int:
         f"{args.idle_seconds:g} s, woken and polling taking turns"
     )
     for kind, refresh in [(k, r) for k in ([] if args.skip_idle else kinds) for r in (2.0, 60.0)]:
-        shares: dict[str, list[float]] = {"woken": [], "polling": []}
+        rounds: dict[str, list[Idle]] = {"woken": [], "polling": []}
         for _round in range(args.idle_rounds):
-            for label in shares:
-                shares[label].append(idle_round(kind, refresh, label, args))
-        woken, polled = (statistics.median(shares[k]) for k in ("woken", "polling"))
+            for label in rounds:
+                rounds[label].append(idle_round(kind, refresh, label, args))
+        woken, polled = (
+            Idle(
+                *(statistics.median(getattr(r, f) for r in rounds[k]) for f in Idle.__annotations__)
+            )
+            for k in ("woken", "polling")
+        )
         print(
-            f"  {kind:10s} GPU sampling every {refresh:2.0f} s: woken {woken:5.2f}% "
-            f"({', '.join(f'{v:.2f}' for v in shares['woken'])}) | polling (before) "
-            f"{polled:5.2f}% | woken/polling {woken / polled:.2f}x"
-            f" | {'<' if woken < 0.5 else '>='} 0.5 % target | load {os.getloadavg()[0]:.1f}"
+            f"  {kind:10s} GPU sampling every {refresh:2.0f} s: woken {woken.share:5.2f}% "
+            f"({', '.join(f'{r.share:.2f}' for r in rounds['woken'])}) | polling (before) "
+            f"{polled.share:5.2f}% | woken/polling {woken.share / polled.share:.2f}x"
+            f" | {'<' if woken.share < 0.5 else '>='} 0.5 % target | load {os.getloadavg()[0]:.1f}"
+        )
+        print(
+            f"  {'':10s} per minute: woken {woken.statements:.0f} statements, "
+            f"{woken.ticks:.0f} ticks | polling {polled.statements:.0f} statements, "
+            f"{polled.ticks:.0f} ticks"
         )
     if args.skip_ticks:
         return 0

@@ -255,9 +255,10 @@ class Waker:
 REAP_SECONDS = 1.0  # how often revokes in progress are polled while nothing wakes the agent
 BACKSTOP_SECONDS = 5.0  # the change check still runs this often, in case a wake was missed
 WAIT_SECONDS = RECONNECT_SECONDS  # the wake thread's longest sleep (LISTEN retried on time)
-# A write seen on the SQLite log becomes visible when it commits: wait up to this for it
-# (`Waker.commit_mark`), or, where the mark cannot be read, look again this much later.
-COMMIT_WAIT_SECONDS = 0.2
+# A write seen on the SQLite log becomes visible when it commits: the commit mark is read
+# again after each of these waits (1 ms doubling to 64 ms: 127 ms in all), or, where it
+# cannot be read, the database is looked at again this much later.
+COMMIT_WAITS_SECONDS = tuple(0.001 * 2**n for n in range(7))
 SECOND_LOOKS_SECONDS = (0.005, 0.05)
 EVENT_WINDOW = 64  # events that may still commit out of id order (see ChangeToken)
 
@@ -365,8 +366,8 @@ def start_thread(agent: Any, waker: Waker, stop: threading.Event) -> threading.T
 def _look(agent: Any, waker: Waker, stop: threading.Event) -> None:
     """Look at the database for the change that woke us. On SQLite the write heard on the
     log may not be committed yet: when the commit mark has not moved since our last look,
-    watch it (every millisecond, for up to COMMIT_WAIT_SECONDS) and look again once it
-    moves; without a mark, look again after SECOND_LOOKS_SECONDS."""
+    watch it (COMMIT_WAITS_SECONDS) and look again once it moves; without a mark, look
+    again after SECOND_LOOKS_SECONDS."""
     mark = waker.commit_mark()
     if agent.on_change() or "sqlite-inotify" not in waker.sources:
         waker.last_mark = mark
@@ -377,9 +378,10 @@ def _look(agent: Any, waker: Waker, stop: threading.Event) -> None:
                 return
         return
     if mark == waker.last_mark:  # nothing committed since the last look: wait for it
-        deadline = time.monotonic() + COMMIT_WAIT_SECONDS
-        while waker.commit_mark() == mark and time.monotonic() < deadline:
-            if stop.wait(0.001):
+        for delay in COMMIT_WAITS_SECONDS:  # (a write heard late, or a checkpoint, never is)
+            if stop.wait(delay):
                 return
-        agent.on_change()
+            if waker.commit_mark() != mark:
+                agent.on_change()
+                break
     waker.last_mark = waker.commit_mark()

@@ -8,7 +8,7 @@ talks to a backend; everyone else reads what the agent published.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -65,9 +65,13 @@ class GpuSample:
     processes: list[GpuProcess] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (what is published for the web workers)."""
-        data = asdict(self)
+        """JSON-ready form (what is published for the web workers). Field by field, not
+        `asdict` (a deep copy): it runs for every GPU at every sample."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["at"] = self.at.isoformat()
+        data["processes"] = [
+            {f.name: getattr(p, f.name) for f in fields(p)} for p in self.processes
+        ]
         return data
 
 

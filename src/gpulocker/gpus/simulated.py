@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,13 @@ def write_load(
     tmp.chmod(0o644)
     os.replace(tmp, path)
     return path
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
 
 
 def ensure_device_file(path: Path) -> bool:
@@ -110,25 +118,28 @@ class SimulatedBackend:
         self.types = {gpu_id: t for t, ids in gpu_config.items() for gpu_id in ids}
         # Whole by default; the agent hands in its own, incremental one (agent/holders.py).
         self.sweep = procfs.DescriptorSweep()
+        self._gpus: list[GpuInfo] | None = None
 
     def inventory(self) -> list[GpuInfo]:
         """One GPU per configured id; the device files are created if missing."""
-        gpus = []
-        for gpu_id, gpu_type in sorted(self.types.items()):
-            path = device_file(self.device_dir, gpu_id)
-            ensure_device_file(path)
-            gpus.append(
-                GpuInfo(
-                    index=gpu_id,
-                    name=f"NVIDIA {gpu_type} (simulated)",
-                    minor=gpu_id,
-                    device=str(path),
-                    memory_total_mib=MEMORY_BY_TYPE_MIB.get(gpu_type.lower(), DEFAULT_MEMORY_MIB),
-                    uuid=simulated_uuid(self.host, gpu_id),
-                    pci_bus_id=f"00000000:{gpu_id + 1:02X}:00.0",
-                )
-            )
-        return gpus
+        if self._gpus is None:
+            self._gpus = [self._info(gpu_id, t) for gpu_id, t in sorted(self.types.items())]
+        for gpu in self._gpus:  # every sample: a driver re-creates a missing file
+            info = _lstat(gpu.device)
+            if info is None or not stat.S_ISREG(info.st_mode):
+                ensure_device_file(Path(gpu.device))  # creates it, or refuses what is there
+        return list(self._gpus)
+
+    def _info(self, gpu_id: int, gpu_type: str) -> GpuInfo:
+        return GpuInfo(
+            index=gpu_id,
+            name=f"NVIDIA {gpu_type} (simulated)",
+            minor=gpu_id,
+            device=str(device_file(self.device_dir, gpu_id)),
+            memory_total_mib=MEMORY_BY_TYPE_MIB.get(gpu_type.lower(), DEFAULT_MEMORY_MIB),
+            uuid=simulated_uuid(self.host, gpu_id),
+            pci_bus_id=f"00000000:{gpu_id + 1:02X}:00.0",
+        )
 
     def sample(self) -> list[GpuSample]:
         """Read every load file and find the processes holding each device file."""

@@ -263,7 +263,7 @@ def _deliver_quietly(ctx: Context) -> None:
         log.exception("outbox delivery pass failed")
 
 
-RECHECK_SECONDS = 5.0  # retries (15 s backoff and up) are looked for at least this often
+RECHECK_SECONDS = 15.0  # retries (15 s backoff and up) are looked for at least this often
 
 
 class OutboxStep:
