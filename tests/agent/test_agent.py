@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,8 +15,8 @@ import pytest
 from sqlalchemy import select
 
 from gpulocker import allocations, events, heartbeat, live
-from gpulocker.agent import access
-from gpulocker.agent.loop import POLL_SECONDS, Agent, start_in_thread
+from gpulocker.agent import access, wake
+from gpulocker.agent.loop import Agent, start_in_thread
 from gpulocker.agent.steps import AgentStep, FunctionStep, StepView
 from gpulocker.config import Settings
 from gpulocker.context import Context
@@ -74,9 +73,7 @@ def test_it_lets_only_the_holder_in_and_ends_them_on_release(
         assert try_open_as(alice, path) == EACCES
 
         (row,) = allocations.request(db, settings, ALICE, "4090", gpu_ids=[0], hours=1)
-        began = time.monotonic()
-        wait_for(lambda: alice.uid in access.read(path).users, timeout=2)
-        assert time.monotonic() - began < 1.0
+        wait_for(lambda: alice.uid in access.read(path).users, timeout=5)
         assert try_open_as(alice, path) == 0
         assert try_open_as(bob, path) == EACCES
         wait_for(lambda: allocations_row(db, row.id).access_applied_at)
@@ -112,17 +109,15 @@ def test_it_undoes_drift_within_reconcile_seconds(
     wait_for(lambda: try_open_as(alice, path) == 0)
     os.chmod(path, 0o666)  # noqa: S103 - the driver's helper does this
     subprocess.run(["setfacl", "-m", f"u:{bob.name}:rw", path], check=True)
-    began = time.monotonic()
     wait_for(lambda: access.compliant(access.read(path), [alice.uid]), timeout=5, interval=0.02)
-    assert time.monotonic() - began <= settings.reconcile_seconds + POLL_SECONDS + 0.5
     assert try_open_as(bob, path) == EACCES
     assert try_open_as(alice, path) == 0
-    # The watch may undo the chmod before the setfacl happens: one drift event or two.
-    wait_for(lambda: len(changes_of(db)) >= 2)
+    # The watch may undo the chmod before the setfacl happens: one drift event or two,
+    # and the second may be written a moment after the file is right again.
+    wait_for(lambda: f"removed user:{bob.name}:rw-" in changes_of(db))
     drifts = kinds(db, "drift")
     assert {d.gpu_id for d in drifts} == {0}
     assert "other::rw- -> ---" in changes_of(db)
-    assert f"removed user:{bob.name}:rw-" in changes_of(db)
 
 
 def changes_of(db: Database) -> list[str]:
@@ -131,23 +126,21 @@ def changes_of(db: Database) -> list[str]:
 
 
 def test_it_undoes_drift_at_once_without_waiting_for_reconcile_seconds(
-    settings: Settings, db: Database, users: dict
+    settings: Settings, db: Database, users: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Every periodic check a minute apart: only the file's change explains a quick fix.
     settings = settings.with_overrides(reconcile_seconds=60.0)
+    monkeypatch.setattr(wake, "BACKSTOP_SECONDS", 60.0)
     ctx = Context(settings)
     agent, stop, thread = start_in_thread(ctx)
     try:
         wait_for(lambda: agent.reconciled_at)
         bob, path = users[BOB], gpu0(settings)
         subprocess.run(["setfacl", "-m", f"u:{bob.name}:rw", path], check=True)
-        began = time.monotonic()
-        wait_for(lambda: access.compliant(access.read(path), []), timeout=5, interval=0.01)
-        assert time.monotonic() - began < 1.0  # the file's change time gave it away
+        wait_for(lambda: access.compliant(access.read(path), []), timeout=10, interval=0.01)
         os.unlink(path)
         ensure_device_file(Path(path))
-        began = time.monotonic()
-        wait_for(lambda: access.compliant(access.read(path), []), timeout=5, interval=0.01)
-        assert time.monotonic() - began < 1.0
+        wait_for(lambda: access.compliant(access.read(path), []), timeout=10, interval=0.01)
         assert try_open_as(bob, path) == EACCES
     finally:
         stop.set()
@@ -201,9 +194,7 @@ def test_it_sees_a_grant_that_commits_after_a_newer_event(
         allocations.request(db, settings, BOB, "4090", gpu_ids=[1], hours=1)
         wait_for(lambda: agent.tick().get("reconcile"), timeout=2)
         assert try_open_as(bob, str(device_file(settings.device_path, 1))) == 0
-    began = time.monotonic()
-    wait_for(lambda: agent.tick().get("reconcile"), timeout=2)
-    assert time.monotonic() - began < 1.0
+    wait_for(lambda: agent.tick().get("reconcile"), timeout=5)  # not the minute's full pass
     assert try_open_as(alice, gpu0(settings)) == 0
     ctx.close()
 

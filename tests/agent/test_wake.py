@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from gpulocker import allocations, changes, events
-from gpulocker.agent import access
+from gpulocker.agent import access, wake
 from gpulocker.agent.loop import Agent, start_in_thread
 from gpulocker.agent.steps import FunctionStep
 from gpulocker.config import Settings
@@ -27,8 +27,10 @@ pytestmark = needs_root
 
 
 @pytest.fixture
-def slow_settings(settings: Settings) -> Settings:
-    """Full reconciles a minute apart: only a wake-up explains a quick grant."""
+def slow_settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Full reconciles and the backstop change check a minute apart: only a wake-up
+    explains a grant within seconds (how quick it is, is bench/bench_agent.py's)."""
+    monkeypatch.setattr(wake, "BACKSTOP_SECONDS", 60.0)
     return settings.with_overrides(reconcile_seconds=60.0)
 
 
@@ -58,22 +60,16 @@ def test_a_grant_and_a_release_reach_the_file_at_once(
     ctx = woken.ctx
     path = str(device_file(slow_settings.device_path, 0))
     for _round in range(3):
-        began = time.monotonic()
         (row,) = allocations.request(ctx.db, slow_settings, ALICE, "4090", gpu_ids=[0])
-        wait_for(lambda: ALICE in _holders(path), timeout=2, interval=0.005)
-        granted = time.monotonic() - began
+        wait_for(lambda: ALICE in _holders(path), timeout=10, interval=0.005)
         allocations.release(ctx.db, slow_settings, ALICE, row.id)
-        wait_for(lambda: ALICE not in _holders(path), timeout=2, interval=0.005)
-        # The backstop check runs every 5 s: well under a second is the wake-up.
-        assert granted < 1.0
+        wait_for(lambda: ALICE not in _holders(path), timeout=10, interval=0.005)
 
 
 def test_drift_is_undone_at_once(woken: Agent, slow_settings: Settings, users: object) -> None:
     path = str(device_file(slow_settings.device_path, 1))
     subprocess.run(["setfacl", "-m", f"u:{BOB}:rw", path], check=True)
-    began = time.monotonic()
-    wait_for(lambda: BOB not in _holders(path), timeout=2, interval=0.005)
-    assert time.monotonic() - began < 1.0
+    wait_for(lambda: BOB not in _holders(path), timeout=10, interval=0.005)
 
 
 def test_postgres_announces_a_change_only_when_it_commits(ctx: Context) -> None:
@@ -98,11 +94,11 @@ def test_a_grant_reaches_the_file_while_the_loop_is_busy(
 ) -> None:
     """The wake thread reconciles on its own: a step that takes seconds (a sample on a
     busy host) does not delay a grant."""
-    busy = threading.Event()
+    busy, done = threading.Event(), threading.Event()
 
     def slow_step(_view: object) -> bool:
         busy.set()
-        time.sleep(3)
+        done.wait(30)  # busy until the test has seen the grant on the file
         return False
 
     ctx = Context(slow_settings)
@@ -113,12 +109,11 @@ def test_a_grant_reaches_the_file_while_the_loop_is_busy(
     try:
         wait_for(lambda: busy.is_set() and agent.waker, timeout=10)
         path = str(device_file(slow_settings.device_path, 0))
-        time.sleep(0.1)  # well inside the slow step
-        began = time.monotonic()
         allocations.request(ctx.db, slow_settings, ALICE, "4090", gpu_ids=[0])
-        wait_for(lambda: ALICE in _holders(path), timeout=2, interval=0.005)
-        assert time.monotonic() - began < 1.0  # the step still has seconds to go
+        wait_for(lambda: ALICE in _holders(path), timeout=10, interval=0.005)
+        assert not done.is_set()  # the loop is still inside the step
     finally:
+        done.set()
         stop.set()
         thread.join(timeout=10)
         ctx.close()
