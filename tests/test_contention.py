@@ -12,6 +12,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 import time_machine
 from sqlalchemy import select, text
@@ -153,12 +154,42 @@ def test_a_refusal_at_once_says_what_a_full_check_says(
         heartbeat.beat(session, heartbeat.agent_name("silent"))
     with db.session() as session:
         if count <= 2:  # some host has enough: the full check decides
-            capacity.refuse_at_once(session, settings, "4090", count)
+            capacity.refuse_at_once(session.connection(), settings, "4090", count)
             assert len(capacity.choose(session, settings, "4090", count, 1, utcnow())) == count
             return
         with pytest.raises(NotEnoughGPUs) as quick:
-            capacity.refuse_at_once(session, settings, "4090", count)
+            capacity.refuse_at_once(session.connection(), settings, "4090", count)
         with pytest.raises(NotEnoughGPUs) as full:
             capacity.choose(session, settings, "4090", count, 1, utcnow())
     assert quick.value.message == full.value.message and "silent" in quick.value.message
     assert quick.value.details == full.value.details == {"free": 3}
+
+
+def test_on_postgresql_a_hopeless_request_is_refused_while_another_holds_the_turn(
+    db: Database, settings: Settings
+) -> None:
+    """Every request is checked on a read before it waits for its turn: on PostgreSQL,
+    where readers run in parallel, a refusal never queues behind a slow grant."""
+    if db.is_sqlite:
+        pytest.skip("the turn is an advisory lock here")
+    allocations.request(db, settings, "alice", "4090", 4, 1)  # every 4090 is taken
+    url = db.url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as holder:  # a grant in progress holds the turn
+        holder.execute("SELECT pg_advisory_xact_lock(hashtext('gpulocker:allocate'))")
+        outcome: list[str] = []
+
+        def late() -> None:
+            try:
+                allocations.request(db, settings, "late", "4090", 1, 1)
+                outcome.append("granted")
+            except NotEnoughGPUs as exc:
+                outcome.append(exc.message)
+
+        thread = threading.Thread(target=late, daemon=True)
+        thread.start()
+        thread.join(10)
+        alive = thread.is_alive()
+        holder.rollback()
+    thread.join(10)
+    assert not alive, "the refusal waited for the turn"
+    assert outcome == ["not enough free 4090 GPUs: asked for 1, 0 free"]

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import Connection, bindparam, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -67,9 +67,9 @@ def request(
         )
 
     # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
-    def still_free(session: Session) -> None:  # the ones before may have taken them all
+    def still_free(conn: Connection) -> None:  # the ones before may have taken them all
         if gpu_ids is None:
-            capacity.refuse_at_once(session, settings, gpu_type, count)
+            capacity.refuse_at_once(conn, settings, gpu_type, count)
 
     for _attempt in range(64):
         try:

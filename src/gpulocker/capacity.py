@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import Connection, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from gpulocker import hosts as gpu_hosts
@@ -327,13 +327,14 @@ _FREE_PER_HOST = (
 )
 
 
-def refuse_at_once(session: Session, settings: Settings, gpu_type: str, count: int) -> None:
+def refuse_at_once(conn: Connection, settings: Settings, gpu_type: str, count: int) -> None:
     """Raise what `choose` would when no host has `count` GPUs of the type free now,
     from one count per host: for a request whose turn came after others took the GPUs,
     a refusal that costs a small read instead of a write transaction. When some host has
-    enough free it says nothing (`choose` decides, bookings and all)."""
-    rows = session.connection().execute(_FREE_PER_HOST, {"gpu_type": gpu_type}).all()
-    silent = gpu_hosts.silent_hosts(session, settings)
+    enough free it says nothing (`choose` decides, bookings and all). Two Core
+    statements on a plain connection: it runs in the turn, while the others wait."""
+    rows = conn.execute(_FREE_PER_HOST, {"gpu_type": gpu_type}).all()
+    silent = gpu_hosts.silent_hosts(conn, settings)
     free = {host: n for host, n in rows if host not in silent}
     if not any(n >= count for n in free.values()):
         raise too_few(gpu_type, count, sum(free.values()), gpu_hosts.silence_note(silent, settings))

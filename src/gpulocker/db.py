@@ -21,7 +21,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -115,7 +115,7 @@ class Database:
 
     @contextmanager
     def serialized(
-        self, key: str, first: Callable[[Session], None] | None = None
+        self, key: str, first: Callable[[Connection], None] | None = None
     ) -> Iterator[Session]:
         """A write transaction that waits its turn behind others of the same `key`.
 
@@ -128,9 +128,12 @@ class Database:
         transaction. Correctness never rests on this lock, only speed under contention.
 
         `first`, when given, runs once the turn has come and before the write begins (on
-        SQLite in a read session, before BEGIN IMMEDIATE): an exception from it ends the
-        turn there, so a writer that finds its work already impossible (the GPUs went to
-        the ones before it) costs the others a small read, not a write transaction.
+        SQLite on a plain read connection, before BEGIN IMMEDIATE): an exception from it
+        ends the turn there, so a writer that finds its work already impossible (the GPUs
+        went to the ones before it) costs the others a small read, not a write
+        transaction. Everyone waits while it runs: keep it to a few Core statements (an
+        ORM session's own cost, in each of many processes fresh from waiting, was most of
+        the line's time in bench/bench_race.py).
         """
         if not self.is_sqlite:
             with self.transaction() as session:
@@ -139,7 +142,7 @@ class Database:
                     {"key": f"gpulocker:{key}"},
                 )
                 if first is not None:
-                    first(session)
+                    first(session.connection())
                 yield session
             return
         fd = self._lock_file(key)
@@ -147,8 +150,8 @@ class Database:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             if first is not None:
-                with self.session() as session:
-                    first(session)
+                with self.engine.connect() as conn:
+                    first(conn)
             with self.transaction() as session:
                 yield session
         finally:

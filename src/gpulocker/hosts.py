@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from gpulocker import heartbeat
@@ -59,14 +59,20 @@ def health(
     return found
 
 
-def silent_hosts(session: Session, settings: Settings, now: datetime | None = None) -> set[str]:
-    """Hosts whose agent stopped beating: their GPUs are not granted."""
+_AGENT_BEATS = select(Heartbeat.name, Heartbeat.at).where(Heartbeat.name.like("agent:%"))
+
+
+def silent_hosts(
+    db: Session | Connection, settings: Settings, now: datetime | None = None
+) -> set[str]:
+    """Hosts whose agent stopped beating: their GPUs are not granted. Plain columns, so a
+    Core connection reads them as cheaply as a session (`capacity.refuse_at_once`)."""
     now = now or utcnow()
     limit = settings.agent_stale_seconds
     return {
-        row.name.split(":", 1)[1]
-        for row in heartbeat.agents(session)
-        if (now - row.at).total_seconds() > limit
+        name.split(":", 1)[1]
+        for name, at in db.execute(_AGENT_BEATS)
+        if (now - at).total_seconds() > limit
     }
 
 
