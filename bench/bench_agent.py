@@ -38,15 +38,14 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 from sqlalchemy import event
 
+from benchlib import POSTGRES, pct, postgres_database
 from gpulocker import allocations, procfs
 from gpulocker.agent import access, wake
 from gpulocker.agent.loop import Agent
@@ -82,14 +81,8 @@ def database(kind: str, base: Path, postgres: str) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{base}/bench.db"
         return
-    name = f"glbench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield postgres.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(postgres, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database(postgres) as url:
+        yield url
 
 
 def wait_until(predicate: object, timeout: float = 5.0) -> float:
@@ -100,11 +93,6 @@ def wait_until(predicate: object, timeout: float = 5.0) -> float:
             raise RuntimeError("the agent did not get there in time")
         time.sleep(0.0005)
     return time.perf_counter()
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 @contextmanager
@@ -310,7 +298,7 @@ def idle_round(kind: str, refresh: float, label: str, args: argparse.Namespace) 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grants", type=int, default=100)
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--postgres", default=POSTGRES)
     parser.add_argument("--skip-postgres", action="store_true")
     parser.add_argument("--idle-seconds", type=float, default=20.0)
     parser.add_argument("--idle-rounds", type=int, default=3)

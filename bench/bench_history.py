@@ -15,13 +15,12 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
-import psycopg
 from sqlalchemy import insert, select
 
+from benchlib import POSTGRES, postgres_database
 from gpulocker import history
 from gpulocker.db import Database
 from gpulocker.models import GpuSample, utcnow
@@ -129,22 +128,15 @@ def measure(label: str, url: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--postgres", default=POSTGRES)
     parser.add_argument("--skip-postgres", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         measure("sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}")
     if args.skip_postgres:
         return 0
-    name = f"gpulocker_bench_{uuid.uuid4().hex[:8]}"
-    admin = args.postgres.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        measure("postgresql", admin.rsplit("/", 1)[0] + "/" + name)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database(args.postgres) as url:
+        measure("postgresql", url)
     return 0
 
 

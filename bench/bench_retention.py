@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from sqlalchemy import delete, event, insert, text
 
+from benchlib import POSTGRES, postgres_database
 from gpulocker import retention
 from gpulocker.config import Settings
 from gpulocker.context import Context
@@ -137,7 +136,7 @@ def bench(url: str, rows: int, state: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=640_000)
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--postgres", default=POSTGRES)
     parser.add_argument("--skip-postgres", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
@@ -145,16 +144,9 @@ def main() -> None:
         bench(f"sqlite:///{folder}/bench.db", args.rows, Path(folder))
     if args.skip_postgres:
         return
-    name = f"glbench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.postgres, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        print(f"PostgreSQL, {args.rows} samples:")
-        with tempfile.TemporaryDirectory() as folder:
-            bench(args.postgres.rsplit("/", 1)[0] + "/" + name, args.rows, Path(folder))
-    finally:
-        with psycopg.connect(args.postgres, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    print(f"PostgreSQL, {args.rows} samples:")
+    with tempfile.TemporaryDirectory() as folder, postgres_database(args.postgres) as url:
+        bench(url, args.rows, Path(folder))
 
 
 if __name__ == "__main__":

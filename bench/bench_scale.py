@@ -28,15 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import psycopg
 from sqlalchemy import insert
 
+from benchlib import POSTGRES, postgres_database
 from gpulocker import accounts, heartbeat, tokens
 from gpulocker.agent.loop import Agent
 from gpulocker.config import Settings
@@ -58,18 +57,6 @@ GPUS_PER_HOST = 32
 ADMIN = "root"
 USER = "daemon"
 STEPS: list[dict[str, float]] = []  # per step CPU ms of each measured agent, in order
-
-
-@contextmanager
-def database(postgres: str) -> Iterator[str]:
-    name = f"glbench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(postgres, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield postgres.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(postgres, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def fill(db: Database, hosts: int, users: int, allocations: int) -> None:
@@ -218,7 +205,7 @@ def tick_ms(ctx: Context, workdir: Path) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--postgres", default=POSTGRES)
     parser.add_argument("--processes", type=int, default=5000)
     parser.add_argument("--allocations", type=int, default=100_000)
     args = parser.parse_args()
@@ -229,7 +216,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="glbench-") as tmp, contextlib.ExitStack() as stack:
         contexts = {}
         for label, (hosts, users, allocs) in labs.items():
-            url = stack.enter_context(database(args.postgres))
+            url = stack.enter_context(postgres_database(args.postgres))
             settings = Settings(
                 state_dir=Path(tmp) / label.replace(" ", "-"),
                 database_url=url,

@@ -28,16 +28,12 @@ import threading
 import time
 from pathlib import Path
 
+from benchlib import pct
 from gpulocker.agent import wake, watch
 from gpulocker.agent.loop import Agent
 from gpulocker.config import Settings
 from gpulocker.context import open_context
 from gpulocker.gpus.simulated import SimulatedBackend, device_file
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def restored(path: str) -> bool:
