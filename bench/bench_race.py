@@ -19,12 +19,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from sqlalchemy import text
 
+import benchlib
+from benchlib import postgres_database
 from gpulocker import allocations
 from gpulocker.config import Settings
 from gpulocker.db import Database
@@ -32,24 +34,15 @@ from gpulocker.errors import NotEnoughGPUs
 from gpulocker.gpus import GpuInfo
 from gpulocker.inventory import TypedGpu, register
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
-
-def fresh_database(kind: str, workdir: Path) -> str:
-    """A new, migrated database with `--gpus` GPUs of type 'bench'."""
+@contextlib.contextmanager
+def fresh_database(kind: str, workdir: Path) -> Iterator[str]:
+    """A new, empty database (a SQLite file in `workdir`, or one on PostgreSQL)."""
     if kind == "sqlite":
-        return f"sqlite:///{workdir / f'race-{uuid.uuid4().hex[:6]}.db'}"
-    name = f"glbench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-
-
-def drop_database(url: str) -> None:
-    if url.startswith("postgresql"):
-        name = url.rsplit("/", 1)[1]
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield f"sqlite:///{workdir / f'race-{uuid.uuid4().hex[:6]}.db'}"
+        return
+    with postgres_database() as url:
+        yield url
 
 
 WARM = "warm"  # a GPU type of its own, one GPU per racer, for the warm-up
@@ -80,9 +73,19 @@ def warm_up(db: Database, settings: Settings, user: str) -> None:
         allocations.request(db, settings, user, "bench", 999, 1)
 
 
+@contextlib.contextmanager
+def _unserialized(db: Database, key: str, check: Any = None, quick: Any = None) -> Any:
+    """The read check, then a plain write transaction: no turns (before Database.serialized)."""
+    if check is not None:
+        with db.session() as session:
+            check(session)
+    with db.transaction() as session:
+        yield session
+
+
 def one_request_unlocked(settings: Settings, user: str, barrier: object, out: object) -> None:
     """As `one_request`, without the allocation lock (the code before Database.serialized)."""
-    Database.serialized = lambda self, key, first=None: self.transaction()  # type: ignore[method-assign]
+    Database.serialized = _unserialized  # type: ignore[method-assign,assignment]
     one_request(settings, user, barrier, out)
 
 
@@ -125,18 +128,33 @@ def one_trivial(settings: Settings, user: str, barrier: object, out: object) -> 
 
 
 def race(settings: Settings, requests: int, target: Any = None) -> tuple[list[str], list[float]]:
+    """Start `requests` racers, release them at once, collect (outcome, seconds) of each.
+
+    Results travel on a SimpleQueue: a racer's put is one write to a pipe, where a Queue
+    would start a feeder thread in each racer as it finishes, CPU taken from the racers
+    still waiting. The parent only waits for the racers to exit (the pipe holds every
+    small result), so it takes no CPU during the race either."""
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(requests)
-    out = ctx.Queue()
+    out = ctx.SimpleQueue()
     procs = [
         ctx.Process(target=target or one_request, args=(settings, f"racer{i}", barrier, out))
         for i in range(requests)
     ]
     for p in procs:
         p.start()
-    results = [out.get(timeout=120) for _ in procs]
+    deadline = time.monotonic() + 120
     for p in procs:
-        p.join()
+        p.join(max(deadline - time.monotonic(), 0.1))
+    if stuck := [p for p in procs if p.is_alive()]:
+        for p in stuck:
+            p.kill()
+        raise RuntimeError(f"{len(stuck)} racer(s) did not finish in 120 s")
+    results = []
+    while not out.empty():
+        results.append(out.get())
+    if len(results) != requests:
+        raise RuntimeError(f"{requests - len(results)} racer(s) died without an answer")
     return [r[0] for r in results], [r[1] for r in results]
 
 
@@ -157,8 +175,8 @@ def sequential(settings: Settings, requests: int) -> list[float]:
 
 
 def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
+    """The quantile of `values` (seconds) in milliseconds."""
+    return benchlib.pct(values, q) * 1000
 
 
 def main() -> int:
@@ -169,8 +187,7 @@ def main() -> int:
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("sqlite", "postgresql"):
-            url = fresh_database(kind, Path(tmp))
-            try:
+            with fresh_database(kind, Path(tmp)) as url:
                 settings = prepare(url, args.gpus, args.requests)
                 _, trivial = race(settings, args.requests, one_trivial)
                 unlocked = race(settings, args.requests, one_request_unlocked)
@@ -179,8 +196,6 @@ def main() -> int:
                 db.dispose()
                 outcomes, latencies = race(settings, args.requests)
                 baseline = sequential(settings, args.requests)
-            finally:
-                drop_database(url)
             granted = outcomes.count("granted")
             refused = outcomes.count("refused")
             errors = [o for o in outcomes if o.startswith("error")]

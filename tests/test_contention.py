@@ -20,7 +20,7 @@ from sqlalchemy import select, text
 from gpulocker import allocations, capacity, heartbeat
 from gpulocker.config import Settings
 from gpulocker.db import Database
-from gpulocker.errors import NotEnoughGPUs
+from gpulocker.errors import Invalid, NotEnoughGPUs
 from gpulocker.gpus import GpuInfo
 from gpulocker.inventory import TypedGpu, register
 from gpulocker.models import Allocation, utcnow
@@ -125,6 +125,31 @@ def test_a_turn_that_comes_after_the_gpus_went_is_refused_without_a_write(
         writer.rollback()
         writer.close()
     assert outcome == ["not enough free 4090 GPUs: asked for 1, 0 free"]
+
+
+def test_a_waiter_for_an_unknown_type_is_told_it_is_unknown(
+    db: Database, settings: Settings
+) -> None:
+    """The quick check in the turn leaves an unknown type to the full check's message."""
+    if not db.is_sqlite:
+        pytest.skip("the turn is a file lock on SQLite")
+    database = db.url.split("///", 1)[1]
+    turn = os.open(f"{database}.allocate.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(turn, fcntl.LOCK_EX)
+    outcome: list[str] = []
+
+    def waiter() -> None:
+        try:
+            allocations.request(db, settings, "waiter", "h100", 1, 1)
+        except Invalid as exc:
+            outcome.append(exc.message)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    _blocked_on(turn)
+    os.close(turn)
+    thread.join(10)
+    assert outcome == ["unknown GPU type 'h100' (known: 4090, a100)"]
 
 
 def _blocked_on(fd: int) -> None:

@@ -58,24 +58,25 @@ def request(
     """
     user = user or actor
     count = limits.check_request(settings, actor, user, count, hours, gpu_ids)
-    # Refusals are decided on a read first, so a flood of hopeless requests (an unknown
-    # type, no free GPU) never takes the write lock the agent's loop needs (SPEC §12).
-    # The write transaction below checks everything again.
-    with db.session() as session:
+
+    def check(session: Session) -> None:
+        """Refusals are decided on a read, so a flood of hopeless requests (an unknown
+        type, no free GPU) never takes the write lock the agent's loop needs (SPEC §12)."""
         _check_rules(
             session, settings, actor, user, gpu_type, count, hours, gpu_ids, take_turns=False
         )
 
-    # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
     def still_free(conn: Connection) -> None:  # the ones before may have taken them all
         if gpu_ids is None:
             capacity.refuse_at_once(conn, settings, gpu_type, count)
 
+    # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
     for _attempt in range(64):
         try:
             # Requests take turns: a waiter starts the moment the one before commits, and
-            # then sees what it took (no lost race to retry, no busy-handler sleeps).
-            with db.serialized("allocate", first=still_free) as session:
+            # then sees what it took (no lost race to retry, no busy-handler sleeps). The
+            # write transaction checks everything again.
+            with db.serialized("allocate", check=check, quick=still_free) as session:
                 granted = _grant(session, settings, actor, user, gpu_type, count, hours, gpu_ids)
             return granted
         except IntegrityError:

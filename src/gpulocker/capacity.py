@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, bindparam, func, select, text
+from sqlalchemy import Connection, bindparam, case, func, select, text
 from sqlalchemy.orm import Session
 
 from gpulocker import hosts as gpu_hosts
@@ -314,26 +314,33 @@ def too_few(gpu_type: str, count: int, free: int, note: str) -> NotEnoughGPUs:
 
 
 _FREE_PER_HOST = (
-    select(Gpu.host, func.count())
+    select(
+        Gpu.host,
+        func.count(case((Gpu.healthy.is_(True) & Allocation.id.is_(None), 1))),
+    )
     .outerjoin(
         Allocation,
         (Allocation.host == Gpu.host)
         & (Allocation.gpu_id == Gpu.gpu_id)
         & (Allocation.state == ACTIVE),
     )
-    .where(Gpu.gpu_type == bindparam("gpu_type"), Gpu.healthy.is_(True), Allocation.id.is_(None))
-    .where(Gpu.error.is_distinct_from("not managed"))
+    .where(Gpu.gpu_type == bindparam("gpu_type"), Gpu.error.is_distinct_from("not managed"))
     .group_by(Gpu.host)
-)
+)  # one row per host that has the type, with how many of its GPUs are free
 
 
 def refuse_at_once(conn: Connection, settings: Settings, gpu_type: str, count: int) -> None:
     """Raise what `choose` would when no host has `count` GPUs of the type free now,
     from one count per host: for a request whose turn came after others took the GPUs,
     a refusal that costs a small read instead of a write transaction. When some host has
-    enough free it says nothing (`choose` decides, bookings and all). Two Core
-    statements on a plain connection: it runs in the turn, while the others wait."""
+    enough free, or the type is unknown, it says nothing (the full check decides,
+    bookings and all). It speaks before the rules that check would read first
+    (maintenance, lockouts, quotas): a request that waited while the GPUs went is told
+    they went. Two Core statements on a plain connection: it runs in the turn, while
+    the others wait."""
     rows = conn.execute(_FREE_PER_HOST, {"gpu_type": gpu_type}).all()
+    if not rows:  # an unknown type: the full check says so
+        return
     silent = gpu_hosts.silent_hosts(conn, settings)
     free = {host: n for host, n in rows if host not in silent}
     if not any(n >= count for n in free.values()):

@@ -36,6 +36,15 @@ changes.install()  # committed changes are announced to the agents (pg_notify)
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+def _try_flock(fd: int) -> bool:
+    """Take the exclusive flock of `fd` if nobody holds it; False when it is taken."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def normalize_url(url: str) -> str:
     """`postgresql://` means psycopg 3 here (the driver we install)."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
@@ -115,7 +124,10 @@ class Database:
 
     @contextmanager
     def serialized(
-        self, key: str, first: Callable[[Connection], None] | None = None
+        self,
+        key: str,
+        check: Callable[[Session], None] | None = None,
+        quick: Callable[[Connection], None] | None = None,
     ) -> Iterator[Session]:
         """A write transaction that waits its turn behind others of the same `key`.
 
@@ -127,31 +139,43 @@ class Database:
         before BEGIN IMMEDIATE; without that file (no right to create it) it is a plain
         transaction. Correctness never rests on this lock, only speed under contention.
 
-        `first`, when given, runs once the turn has come and before the write begins (on
-        SQLite on a plain read connection, before BEGIN IMMEDIATE): an exception from it
-        ends the turn there, so a writer that finds its work already impossible (the GPUs
-        went to the ones before it) costs the others a small read, not a write
-        transaction. Everyone waits while it runs: keep it to a few Core statements (an
-        ORM session's own cost, in each of many processes fresh from waiting, was most of
-        the line's time in bench/bench_race.py).
+        Two refusals on a read, so a hopeless writer never takes the write lock (the write
+        itself must check everything again): `check(session)`, the full rules, and
+        `quick(conn)`, a few Core statements for a writer whose turn came after others'
+        (the ones before may have taken what it wanted). Where they run is this
+        backend's choice:
+
+        - SQLite: the writers are processes on this host's cores. One that finds the turn
+          free takes it and runs `check`. One that must wait does nothing until its turn
+          comes, then runs `quick` and, if that passes, `check`. So while one writes, the
+          others sleep instead of competing with it for the CPU: the line moves at the
+          speed of one writer (bench/bench_race.py).
+        - PostgreSQL: `check` before waiting, so refusals are answered in parallel
+          without the lock; `quick` once the lock is held.
         """
         if not self.is_sqlite:
+            if check is not None:
+                with self.session() as session:
+                    check(session)
             with self.transaction() as session:
                 session.execute(
                     text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
                     {"key": f"gpulocker:{key}"},
                 )
-                if first is not None:
-                    first(session.connection())
+                if quick is not None:
+                    quick(session.connection())
                 yield session
             return
         fd = self._lock_file(key)
         try:
-            if fd is not None:
+            if fd is not None and not _try_flock(fd):  # someone is writing: wait, asleep
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            if first is not None:
-                with self.engine.connect() as conn:
-                    first(conn)
+                if quick is not None:
+                    with self.engine.connect() as conn:
+                        quick(conn)
+            if check is not None:
+                with self.session() as session:
+                    check(session)
             with self.transaction() as session:
                 yield session
         finally:
