@@ -9,6 +9,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from sqlalchemy import select, text
 from gpulocker import allocations, capacity, heartbeat
 from gpulocker.config import Settings
 from gpulocker.db import Database
-from gpulocker.errors import Invalid, NotEnoughGPUs
+from gpulocker.errors import GPULockerError, NotEnoughGPUs
 from gpulocker.gpus import GpuInfo
 from gpulocker.inventory import TypedGpu, register
 from gpulocker.models import Allocation, utcnow
@@ -92,25 +93,16 @@ def test_the_lock_ends_with_the_request(db: Database, settings: Settings) -> Non
 def test_a_turn_that_comes_after_the_gpus_went_is_refused_without_a_write(
     db: Database, settings: Settings
 ) -> None:
-    """A waiter that passed the read check, and whose turn comes once the ones before it
-    took every GPU, is refused on a small read: it never asks for SQLite's write lock."""
+    """A waiter whose turn comes once the ones before it took every GPU is refused on a
+    small read: it never asks for SQLite's write lock."""
     if not db.is_sqlite:
         pytest.skip("the turn is a file lock and the write lock SQLite's")
     database = db.url.split("///", 1)[1]
-    turn = os.open(f"{database}.allocate.lock", os.O_RDONLY | os.O_CREAT, 0o600)
-    fcntl.flock(turn, fcntl.LOCK_EX)  # the one before holds the turn
-    outcome: list[str] = []
-
-    def waiter() -> None:
-        try:
-            allocations.request(db, settings, "waiter", "4090", 1, 1)
-            outcome.append("granted")
-        except NotEnoughGPUs as exc:
-            outcome.append(exc.message)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
-    _blocked_on(turn)  # it read that GPUs are free and now waits for its turn
+    turn = _hold_the_turn(db)  # the one before is writing
+    thread, outcome = _in_background(
+        lambda: allocations.request(db, settings, "waiter", "4090", 1, 1)
+    )
+    _blocked_on(turn)  # it sleeps until its turn
     with db.transaction() as session:  # the one before takes them all
         allocations._grant(session, settings, "before", "before", "4090", 4, 1, None)
     writer = sqlite3.connect(database, timeout=1)
@@ -133,23 +125,39 @@ def test_a_waiter_for_an_unknown_type_is_told_it_is_unknown(
     """The quick check in the turn leaves an unknown type to the full check's message."""
     if not db.is_sqlite:
         pytest.skip("the turn is a file lock on SQLite")
-    database = db.url.split("///", 1)[1]
-    turn = os.open(f"{database}.allocate.lock", os.O_RDONLY | os.O_CREAT, 0o600)
-    fcntl.flock(turn, fcntl.LOCK_EX)
-    outcome: list[str] = []
-
-    def waiter() -> None:
-        try:
-            allocations.request(db, settings, "waiter", "h100", 1, 1)
-        except Invalid as exc:
-            outcome.append(exc.message)
-
-    thread = threading.Thread(target=waiter)
-    thread.start()
+    turn = _hold_the_turn(db)
+    thread, outcome = _in_background(
+        lambda: allocations.request(db, settings, "waiter", "h100", 1, 1)
+    )
     _blocked_on(turn)
     os.close(turn)
     thread.join(10)
     assert outcome == ["unknown GPU type 'h100' (known: 4090, a100)"]
+
+
+def _hold_the_turn(db: Database) -> int:
+    """Take the allocation turn on SQLite as a request in progress holds it; closing the
+    returned descriptor ends it."""
+    database = db.url.split("///", 1)[1]
+    turn = os.open(f"{database}.allocate.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(turn, fcntl.LOCK_EX)
+    return turn
+
+
+def _in_background(call: Callable[[], object]) -> tuple[threading.Thread, list[str]]:
+    """Run a request in a thread; the list gets "granted" or the refusal's message."""
+    outcome: list[str] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append("granted")
+        except GPULockerError as exc:
+            outcome.append(exc.message)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
 
 
 def _blocked_on(fd: int) -> None:
@@ -201,17 +209,9 @@ def test_on_postgresql_a_hopeless_request_is_refused_while_another_holds_the_tur
     url = db.url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(url) as holder:  # a grant in progress holds the turn
         holder.execute("SELECT pg_advisory_xact_lock(hashtext('gpulocker:allocate'))")
-        outcome: list[str] = []
-
-        def late() -> None:
-            try:
-                allocations.request(db, settings, "late", "4090", 1, 1)
-                outcome.append("granted")
-            except NotEnoughGPUs as exc:
-                outcome.append(exc.message)
-
-        thread = threading.Thread(target=late, daemon=True)
-        thread.start()
+        thread, outcome = _in_background(
+            lambda: allocations.request(db, settings, "late", "4090", 1, 1)
+        )
         thread.join(10)
         alive = thread.is_alive()
         holder.rollback()
