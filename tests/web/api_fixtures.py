@@ -30,8 +30,9 @@ def client(app: Flask) -> FlaskClient:
 
 
 @pytest.fixture
-def bearer(ctx: Context) -> Callable[[str], Headers]:
-    """`bearer(user)` -> headers carrying a fresh API token of `user`."""
+def bearer(ctx: Context, users: dict[str, object]) -> Callable[[str], Headers]:
+    """`bearer(user)` -> headers carrying a fresh API token of `user`. The accounts must
+    exist: a token of an account not in good standing is refused (`users` makes them)."""
     made: dict[str, Headers] = {}
 
     def headers_for(user: str) -> Headers:

@@ -2,8 +2,8 @@
 """The pages of SPEC section 11 in a real browser (headless Chromium through Playwright)
 against the real product (`gpulocker serve --simulate`, its agent running the scheduler):
 the dashboard's place in line moving without a reload when the head of the line is
-cancelled or granted, and the calendar drawing an allocation and bookings, a booking made
-through its form included."""
+cancelled or granted, the calendar drawing an allocation and bookings, a booking made
+through its form included, and the calendar following a grant made elsewhere."""
 
 from __future__ import annotations
 
@@ -146,3 +146,27 @@ def test_the_calendar_draws_an_allocation_and_a_booking_made_through_its_form(
     assert width <= 390, f"the calendar is {width} px wide on a 390 px phone"
     refused = "Failed to load resource: the server responded with a status of 409 (CONFLICT)"
     assert problems == [refused], problems  # the refused booking's page; nothing else
+
+
+def test_the_calendar_follows_a_grant_made_elsewhere_and_keeps_what_is_typed(
+    server: Server, new_page: object, users: dict[str, TestUser]
+) -> None:
+    page = new_page()  # type: ignore[operator]
+    problems = watch_errors(page)
+    sign_in(page, server, users[CAROL])
+    page.goto(server.url + "/calendar")
+    page.evaluate("window.__sameDocument = true")
+    bars = page.locator('[data-calendar="4090"] .cal-bar--allocation')
+    before = bars.count()
+    page.get_by_label("How many").fill("3")  # typed, not sent
+
+    other = new_page()  # type: ignore[operator]
+    sign_in(other, server, users[BOB])
+    request_gpus(other, "4090", 1, 1)
+    expect(other.locator("#cuda-line")).to_be_visible()
+
+    expect(bars).to_have_count(before + 1, timeout=20000)  # calendar.js fetched it
+    expect(page.locator("[data-cal-live-text]")).to_contain_text("updated")
+    assert page.evaluate("window.__sameDocument === true"), "the calendar was reloaded"
+    expect(page.get_by_label("How many")).to_have_value("3")
+    assert problems == [], problems
