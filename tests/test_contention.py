@@ -18,13 +18,14 @@ import pytest
 import time_machine
 from sqlalchemy import select, text
 
-from gpulocker import allocations, capacity, heartbeat
+from gpulocker import allocations, capacity, heartbeat, scheduler
 from gpulocker.config import Settings
 from gpulocker.db import Database
 from gpulocker.errors import GPULockerError, NotEnoughGPUs
 from gpulocker.gpus import GpuInfo
 from gpulocker.inventory import TypedGpu, register
-from gpulocker.models import Allocation, utcnow
+from gpulocker.models import Allocation, Lockout, utcnow
+from gpulocker.scheduling_models import QueuedRequest
 
 
 def _race(db: Database, settings: Settings, racers: int) -> list[str]:
@@ -135,6 +136,35 @@ def test_a_waiter_for_an_unknown_type_is_told_it_is_unknown(
     assert outcome == ["unknown GPU type 'h100' (known: 4090, a100)"]
 
 
+def test_a_locked_out_waiter_is_told_so_even_when_the_gpus_went(
+    db: Database, settings: Settings
+) -> None:
+    """The quick check in the turn says only that the GPUs went; a locked-out user asking
+    to wait must still hear "locked out", not be put in the line."""
+    if not db.is_sqlite:
+        pytest.skip("the turn is a file lock on SQLite")
+    allocations.request(db, settings, "alice", "4090", 4, 1)  # every 4090 is taken
+    with db.transaction() as session:
+        session.add(
+            Lockout(
+                user="waiter",
+                reason="used GPU 1",
+                created_at=utcnow(),
+                until=utcnow() + timedelta(hours=1),
+            )
+        )
+    turn = _hold_the_turn(db)
+    thread, outcome = _in_background(
+        lambda: scheduler.request_or_wait(db, settings, "waiter", "4090", 1, 1)
+    )
+    _blocked_on(turn)
+    os.close(turn)
+    thread.join(10)
+    assert len(outcome) == 1 and outcome[0].startswith("waiter is locked out until")
+    with db.session() as session:
+        assert session.scalars(select(QueuedRequest)).all() == []
+
+
 def _hold_the_turn(db: Database) -> int:
     """Take the allocation turn on SQLite as a request in progress holds it; closing the
     returned descriptor ends it."""
@@ -186,16 +216,16 @@ def test_a_refusal_at_once_says_what_a_full_check_says(
     with time_machine.travel(stale, tick=False), db.transaction() as session:
         heartbeat.beat(session, heartbeat.agent_name("silent"))
     with db.session() as session:
+        quick = capacity.shortage(session.connection(), settings, "4090", count)
         if count <= 2:  # some host has enough: the full check decides
-            capacity.refuse_at_once(session.connection(), settings, "4090", count)
+            assert quick is None
             assert len(capacity.choose(session, settings, "4090", count, 1, utcnow())) == count
             return
-        with pytest.raises(NotEnoughGPUs) as quick:
-            capacity.refuse_at_once(session.connection(), settings, "4090", count)
         with pytest.raises(NotEnoughGPUs) as full:
             capacity.choose(session, settings, "4090", count, 1, utcnow())
-    assert quick.value.message == full.value.message and "silent" in quick.value.message
-    assert quick.value.details == full.value.details == {"free": 3}
+    assert quick is not None
+    assert quick.message == full.value.message and "silent" in quick.message
+    assert quick.details == full.value.details == {"free": 3}
 
 
 def test_on_postgresql_a_hopeless_request_is_refused_while_another_holds_the_turn(

@@ -31,8 +31,6 @@ from gpulocker.errors import (
     Conflict,
     Forbidden,
     Invalid,
-    LockedOut,
-    Maintenance,
     NotEnoughGPUs,
     NotFound,
 )
@@ -66,9 +64,10 @@ def request(
             session, settings, actor, user, gpu_type, count, hours, gpu_ids, take_turns=False
         )
 
-    def still_free(conn: Connection) -> None:  # the ones before may have taken them all
-        if gpu_ids is None:
-            capacity.refuse_at_once(conn, settings, gpu_type, count)
+    def still_free(conn: Connection) -> None:  # the ones before may have taken the GPUs
+        refusal = capacity.shortage(conn, settings, gpu_type, count) if gpu_ids is None else None
+        if refusal is not None:
+            raise refusal
 
     # Every lost race means another request took a GPU, so this ends: bounded by the GPUs.
     for _attempt in range(64):
@@ -168,15 +167,8 @@ def _check_rules(
     if gpu_type not in types:
         known = ", ".join(types) or "none"
         raise Invalid(f"unknown GPU type {gpu_type!r} (known: {known})")
-    admin = settings.is_admin(actor)
-    if maintenance.enabled(session) and not admin:
-        raise Maintenance("GPULocker is in maintenance mode: new allocations are paused")
-    lockout = lockouts.active(session, user)
-    if lockout is not None:
-        raise LockedOut(
-            f"{user} is locked out until {lockout.until:%Y-%m-%d %H:%M} UTC ({lockout.reason})",
-            until=lockout.until.isoformat(),
-        )
+    maintenance.refuse_if_on(session, settings, actor)
+    lockouts.refuse_if_locked_out(session, user)
     now = utcnow()
     if take_turns:
         _take_turns(session, user)

@@ -329,19 +329,19 @@ _FREE_PER_HOST = (
 )  # one row per host that has the type, with how many of its GPUs are free
 
 
-def refuse_at_once(conn: Connection, settings: Settings, gpu_type: str, count: int) -> None:
-    """Raise what `choose` would when no host has `count` GPUs of the type free now,
-    from one count per host: for a request whose turn came after others took the GPUs,
-    a refusal that costs a small read instead of a write transaction. When some host has
-    enough free, or the type is unknown, it says nothing (the full check decides,
-    bookings and all). It speaks before the rules that check would read first
-    (maintenance, lockouts, quotas): a request that waited while the GPUs went is told
-    they went. Two Core statements on a plain connection: it runs in the turn, while
-    the others wait."""
+def shortage(
+    conn: Connection, settings: Settings, gpu_type: str, count: int
+) -> NotEnoughGPUs | None:
+    """The refusal `choose` would raise when no host has `count` GPUs of the type free
+    now, from one count per host; None when some host has enough, or the type is unknown
+    (`choose` decides, bookings and all). For a request whose turn came after others took
+    the GPUs: a refusal that costs a small read instead of a write transaction. Two Core
+    statements on a plain connection: it runs in the turn, while the others wait."""
     rows = conn.execute(_FREE_PER_HOST, {"gpu_type": gpu_type}).all()
     if not rows:  # an unknown type: the full check says so
-        return
+        return None
     silent = gpu_hosts.silent_hosts(conn, settings)
     free = {host: n for host, n in rows if host not in silent}
-    if not any(n >= count for n in free.values()):
-        raise too_few(gpu_type, count, sum(free.values()), gpu_hosts.silence_note(silent, settings))
+    if any(n >= count for n in free.values()):
+        return None
+    return too_few(gpu_type, count, sum(free.values()), gpu_hosts.silence_note(silent, settings))

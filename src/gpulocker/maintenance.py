@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from gpulocker import events
 from gpulocker.config import Settings
 from gpulocker.db import Database
-from gpulocker.errors import Forbidden
+from gpulocker.errors import Forbidden, Maintenance
 from gpulocker.models import Setting, utcnow
 
 KEY = "maintenance"
 
 
-def enabled(session: Session) -> bool:
-    """Whether maintenance mode is on."""
-    row = session.get(Setting, KEY)
-    return bool(row and row.value.get("enabled"))
+_VALUE = select(Setting.value).where(Setting.key == KEY)
+
+
+def enabled(db: Session | Connection) -> bool:
+    """Whether maintenance mode is on (a session or a plain Core connection)."""
+    value = db.execute(_VALUE).scalar()
+    return bool(isinstance(value, dict) and value.get("enabled"))
+
+
+def refuse_if_on(db: Session | Connection, settings: Settings, actor: str) -> None:
+    """Refuse (403 `maintenance`) a new allocation while maintenance mode is on; admins
+    pass."""
+    if enabled(db) and not settings.is_admin(actor):
+        raise Maintenance("GPULocker is in maintenance mode: new allocations are paused")
 
 
 def set_enabled(db: Database, settings: Settings, actor: str, on: bool, message: str = "") -> None:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from gpulocker import events, fairshare, inventory
+from gpulocker import events, fairshare, inventory, lockouts, maintenance
 from gpulocker.config import Settings
 from gpulocker.db import Database
 from gpulocker.errors import Conflict, Invalid, NotFound
@@ -48,6 +48,9 @@ def submit(
         types = inventory.known_types(session)
         if gpu_type not in types:
             raise Invalid(f"unknown GPU type {gpu_type!r} (known: {', '.join(types) or 'none'})")
+        # What bars a request whatever is free bars waiting too (a quota only makes it wait).
+        maintenance.refuse_if_on(session, settings, actor)
+        lockouts.refuse_if_locked_out(session, user)
         row = QueuedRequest(
             user=user,
             requested_by=actor,

@@ -12,10 +12,10 @@ import pytest
 import time_machine
 from sqlalchemy import func, select
 
-from gpulocker import allocations, queue, scheduler
+from gpulocker import allocations, lockouts, maintenance, queue, scheduler
 from gpulocker.config import Settings
 from gpulocker.db import Database
-from gpulocker.errors import Conflict, Invalid
+from gpulocker.errors import Conflict, Invalid, LockedOut, Maintenance
 from gpulocker.models import (
     ACTIVE,
     EXPIRED,
@@ -85,6 +85,22 @@ def test_bad_wait_hours_and_cancel_and_expiry(db: Database, settings: Settings) 
     with time_machine.travel(utcnow() + timedelta(hours=2, minutes=1)):
         assert scheduler.run_pass(db, settings).expired == 1
     assert queue.get(db, settings, ADMIN, second.id).state == EXPIRED
+
+
+def test_a_locked_out_user_and_maintenance_mode_keep_new_requests_out_of_the_line(
+    db: Database, settings: Settings
+) -> None:
+    _fill(db, settings)
+    with db.transaction() as session:
+        lockouts.lock_out(session, settings, BOB, "used GPU 1 without an allocation")
+    with pytest.raises(LockedOut, match="is locked out until"):
+        queue.submit(db, settings, BOB, "4090", 1, 1)
+    maintenance.set_enabled(db, settings, ADMIN, True)
+    with pytest.raises(Maintenance):
+        queue.submit(db, settings, ALICE, "4090", 1, 1)
+    assert queue.submit(db, settings, ADMIN, "4090", 1, 1).state == WAITING  # admins pass
+    with db.session() as session:
+        assert session.scalar(select(func.count()).select_from(QueuedRequest)) == 1
 
 
 def test_twenty_waiting_requests_and_a_storm_of_releases(db: Database, settings: Settings) -> None:

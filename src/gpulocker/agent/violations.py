@@ -116,7 +116,7 @@ def record(
             data={"pids": pids, "names": names, "killed": killed},
         )
     gpu_text = ", ".join(map(str, gpus))
-    lockout = lockouts.lock_out(
+    until = lockouts.lock_out(
         session, settings, user, f"used GPU(s) {gpu_text} on {host} without an allocation"
     )
     done = "Your processes there were ended. " if killed else ""
@@ -125,7 +125,7 @@ def record(
         settings,
         "violation",
         f"{user} used GPU(s) {gpu_text} on {host} without an allocation. {done}"
-        f"{user} may not allocate until {lockout.until:%Y-%m-%d %H:%M} UTC.",
+        f"{user} may not allocate until {until:%Y-%m-%d %H:%M} UTC.",
         users=[user],
         admins=True,
     )
