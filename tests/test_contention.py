@@ -18,13 +18,13 @@ import pytest
 import time_machine
 from sqlalchemy import select, text
 
-from gpulocker import allocations, capacity, heartbeat, scheduler
+from gpulocker import allocations, capacity, heartbeat, lockouts, scheduler
 from gpulocker.config import Settings
 from gpulocker.db import Database
 from gpulocker.errors import GPULockerError, NotEnoughGPUs
 from gpulocker.gpus import GpuInfo
 from gpulocker.inventory import TypedGpu, register
-from gpulocker.models import Allocation, Lockout, utcnow
+from gpulocker.models import Allocation, utcnow
 from gpulocker.scheduling_models import QueuedRequest
 
 
@@ -126,13 +126,7 @@ def test_a_waiter_for_an_unknown_type_is_told_it_is_unknown(
     """The quick check in the turn leaves an unknown type to the full check's message."""
     if not db.is_sqlite:
         pytest.skip("the turn is a file lock on SQLite")
-    turn = _hold_the_turn(db)
-    thread, outcome = _in_background(
-        lambda: allocations.request(db, settings, "waiter", "h100", 1, 1)
-    )
-    _blocked_on(turn)
-    os.close(turn)
-    thread.join(10)
+    outcome = _after_waiting(db, lambda: allocations.request(db, settings, "waiter", "h100", 1, 1))
     assert outcome == ["unknown GPU type 'h100' (known: 4090, a100)"]
 
 
@@ -145,21 +139,10 @@ def test_a_locked_out_waiter_is_told_so_even_when_the_gpus_went(
         pytest.skip("the turn is a file lock on SQLite")
     allocations.request(db, settings, "alice", "4090", 4, 1)  # every 4090 is taken
     with db.transaction() as session:
-        session.add(
-            Lockout(
-                user="waiter",
-                reason="used GPU 1",
-                created_at=utcnow(),
-                until=utcnow() + timedelta(hours=1),
-            )
-        )
-    turn = _hold_the_turn(db)
-    thread, outcome = _in_background(
-        lambda: scheduler.request_or_wait(db, settings, "waiter", "4090", 1, 1)
+        lockouts.lock_out(session, settings, "waiter", "used GPU 1 without an allocation")
+    outcome = _after_waiting(
+        db, lambda: scheduler.request_or_wait(db, settings, "waiter", "4090", 1, 1)
     )
-    _blocked_on(turn)
-    os.close(turn)
-    thread.join(10)
     assert len(outcome) == 1 and outcome[0].startswith("waiter is locked out until")
     with db.session() as session:
         assert session.scalars(select(QueuedRequest)).all() == []
@@ -172,6 +155,17 @@ def _hold_the_turn(db: Database) -> int:
     turn = os.open(f"{database}.allocate.lock", os.O_RDONLY | os.O_CREAT, 0o600)
     fcntl.flock(turn, fcntl.LOCK_EX)
     return turn
+
+
+def _after_waiting(db: Database, call: Callable[[], object]) -> list[str]:
+    """Run a request that finds the turn taken and gets it once the holder lets go; its
+    outcome as `_in_background` reports it."""
+    turn = _hold_the_turn(db)
+    thread, outcome = _in_background(call)
+    _blocked_on(turn)
+    os.close(turn)
+    thread.join(10)
+    return outcome
 
 
 def _in_background(call: Callable[[], object]) -> tuple[threading.Thread, list[str]]:
