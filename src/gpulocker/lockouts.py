@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Row, bindparam, select, update
+from sqlalchemy import Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from gpulocker import events
@@ -25,18 +25,15 @@ _ACTIVE = (
 )  # read by every request: built once
 
 
-def active(
-    db: Session | Connection, user: str, now: datetime | None = None
-) -> Row[datetime, str] | None:
+def active(session: Session, user: str, now: datetime | None = None) -> Row[datetime, str] | None:
     """When the user's lockout that ends last ends, and why (`until`, `reason`), if one is
-    in force. Plain columns, so a Core connection reads it as cheaply as a session (the
-    allocation turn's quick check)."""
-    return db.execute(_ACTIVE, {"user": user, "now": now or utcnow()}).first()
+    in force."""
+    return session.execute(_ACTIVE, {"user": user, "now": now or utcnow()}).first()
 
 
-def refuse_if_locked_out(db: Session | Connection, user: str) -> None:
+def refuse_if_locked_out(session: Session, user: str) -> None:
     """Refuse (403 `locked_out`) a new allocation for `user` while a lockout is in force."""
-    lockout = active(db, user)
+    lockout = active(session, user)
     if lockout is not None:
         raise LockedOut(
             f"{user} is locked out until {lockout.until:%Y-%m-%d %H:%M} UTC ({lockout.reason})",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gpulocker import events
@@ -17,16 +17,16 @@ KEY = "maintenance"
 _VALUE = select(Setting.value).where(Setting.key == KEY)
 
 
-def enabled(db: Session | Connection) -> bool:
-    """Whether maintenance mode is on (a session or a plain Core connection)."""
-    value = db.execute(_VALUE).scalar()
+def enabled(session: Session) -> bool:
+    """Whether maintenance mode is on."""
+    value = session.execute(_VALUE).scalar()
     return bool(isinstance(value, dict) and value.get("enabled"))
 
 
-def refuse_if_on(db: Session | Connection, settings: Settings, actor: str) -> None:
+def refuse_if_on(session: Session, settings: Settings, actor: str) -> None:
     """Refuse (403 `maintenance`) a new allocation while maintenance mode is on; admins
     pass."""
-    if enabled(db) and not settings.is_admin(actor):
+    if enabled(session) and not settings.is_admin(actor):
         raise Maintenance("GPULocker is in maintenance mode: new allocations are paused")
 
 
