@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from gpulocker import allocations, events, heartbeat, live
 from gpulocker.agent import access, wake
@@ -359,6 +361,43 @@ def beat_from(db: Database, settings: Settings, pid: int) -> bool:
         return beat is not None and beat.data is not None and beat.data.get("pid") == pid
 
 
+def freeze_between_transactions(proc: subprocess.Popen[bytes], db: Database) -> None:
+    """SIGSTOP the agent at a moment it holds no transaction open. Frozen inside one (a
+    heartbeat, a sample) it would hold SQLite's write lock, or PostgreSQL row locks, and
+    the test's own writes would wait for a process that never comes back."""
+    for _ in range(100):
+        proc.send_signal(signal.SIGSTOP)
+        if not in_a_transaction(db):
+            return
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError("the agent was inside a transaction at every try")
+
+
+def in_a_transaction(db: Database) -> bool:
+    """Whether another connection has a transaction open on the test's database."""
+    if db.is_sqlite:
+        probe = sqlite3.connect(db.url.split("///", 1)[1], timeout=0.05, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:  # the write lock is held
+            return True
+        finally:
+            probe.close()
+    with db.session() as session:
+        return bool(
+            session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid()"
+                    " AND (state = 'active' OR state LIKE 'idle in transaction%')"
+                )
+            )
+        )
+
+
 def test_it_repairs_everything_after_kill_9_between_database_and_file(
     db: Database, settings: Settings, users: dict, tmp_path: Path
 ) -> None:
@@ -371,7 +410,7 @@ def test_it_repairs_everything_after_kill_9_between_database_and_file(
         wait_for(lambda: try_open_as(alice, path) == 0)
         holder = hold_open_as(alice, path)
 
-        first.send_signal(signal.SIGSTOP)  # frozen after its last reconcile...
+        freeze_between_transactions(first, db)  # frozen after its last reconcile...
         allocations.release(db, settings, ALICE, row.id)  # ...the database changes...
         allocations.request(db, settings, BOB, "4090", gpu_ids=[0], hours=1)
         first.kill()  # ...and it dies before touching the file
